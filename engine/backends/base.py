@@ -1,0 +1,85 @@
+"""The backend interface: one per device, so the scheduler has no `if cuda / if npu` branches.
+
+Calls from the scheduler (all of them may block, so it runs them in executor threads):
+
+    prepare(batch_size)         load or compile the model for this batch size (and cache it)
+    register_host_memory(buf)   the ring's shared memory: pin it where the device allows
+    submit(pixels) -> InFlight  start the H2D copy of a uint8 NHWC batch and the model after it
+    InFlight.copied()           block until the host pixels may be overwritten (slot reusable)
+    InFlight.result()           block until the logits are on the host: float32 [n, classes]
+    compute_only(bs, it, warm)  latencies (s) of the model alone, inputs already on the device
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from engine.config import RunConfig
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run this configuration; the message says what to change."""
+
+
+class InFlight:
+    """A submitted batch."""
+
+    def copied(self) -> None:
+        """Block until the batch's host memory may be reused."""
+
+    def result(self) -> np.ndarray:
+        """Block until the logits are on the host; float32 `[n, classes]`."""
+        raise NotImplementedError
+
+
+class Backend:
+    name = "base"
+    #: the device can report completion with events (else completion is a blocking synchronize)
+    has_events = False
+    #: a static-shape backend needs every batch padded to the prepared batch size
+    static_shape = False
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.spec = config.preprocess
+        self.batch_size = 0
+
+    def prepare(self, batch_size: int) -> None:
+        raise NotImplementedError
+
+    def register_host_memory(self, buffer) -> None:
+        """Pin the ring's memory where the device allows; the default does nothing."""
+
+    def unregister_host_memory(self) -> None:
+        """Undo `register_host_memory` before the ring is unlinked."""
+
+    def submit(self, pixels: np.ndarray) -> InFlight:
+        raise NotImplementedError
+
+    def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
+        """Wall time of `iterations` model calls on a resident batch, each ending synchronised."""
+        raise NotImplementedError
+
+    def describe(self) -> Dict:
+        """What ran: device, precision, model source; goes into the report."""
+        return {"backend": self.name}
+
+    def close(self) -> None:
+        """Release the device; idempotent."""
+
+
+def timed_calls(call, sync, iterations: int, warmup: int) -> List[float]:
+    """Run `call(); sync()` warmup + iterations times; the timed latencies in seconds."""
+    for _ in range(warmup):
+        call()
+        sync()
+    out = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        call()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out

@@ -1,0 +1,155 @@
+"""Command-line parsers, built inside functions; options become one frozen `RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from engine import __version__
+from engine.config import (BACKENDS, DECODE_MODES, INTERPOLATIONS, PRECISIONS, SHAPES, ConfigError, RunConfig,
+                           parse_triple, resolve_config)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and device")
+    g.add_argument("--model", default="resnext50_32x4d",
+                   help="torchvision model name; also picks the preprocessing preset (default: %(default)s)")
+    g.add_argument("--weights", metavar="FILE.pth",
+                   help="state dict for --model (like resnext50_32x4d-7cdf4587.pth); default: torchvision's "
+                        "cached V1 weights if present, else random weights (with a warning)")
+    g.add_argument("--ts", metavar="FILE", help="a TorchScript model instead of --model/--weights")
+    g.add_argument("--backend", default="cpu", choices=BACKENDS,
+                   help="cpu, sim (simulated accelerator), cuda, aie (torch_aie), npu (torch_npu), or auto "
+                        "(aie, else npu, else cuda, else cpu) (default: %(default)s)")
+    g.add_argument("--device", type=int, default=0, help="device id for cuda/aie/npu (default: 0)")
+    g.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="fp32, fp16 or bf16 (default: fp16 on aie/npu/cuda, fp32 on cpu)")
+    g.add_argument("--shape", default="static", choices=SHAPES,
+                   help="aie: compile one batch size (static, pads a short last batch) or a range 1..B "
+                        "(dynamic) (default: %(default)s)")
+    g.add_argument("--soc-version", default="Ascend310P3", help="aie: target chip (default: %(default)s)")
+    g.add_argument("--optimization-level", type=int, default=0, choices=(0, 1, 2),
+                   help="aie: 0 none, 1 graph optimisation, 2 operator tuning (slow compile) (default: 0)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where compiled models are cached (default: $IMAGENET_ENGINE_CACHE or "
+                        "~/.cache/imagenet-engine)")
+    g.add_argument("--no-cache", action="store_true", help="compile afresh, do not read or write the cache")
+    g.add_argument("--sim-batch-ms", type=non_negative_float, default=10.0,
+                   help="sim: device time per batch in ms (default: %(default)s)")
+    g.add_argument("--sim-h2d-gbps", type=non_negative_float, default=0.0,
+                   help="sim: host-to-device copy bandwidth in GB/s, 0 for free copies (default: %(default)s)")
+
+
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessing (defaults from the --model preset)")
+    g.add_argument("--resize", type=positive_int, help="resize the shorter side to this (preset: 256)")
+    g.add_argument("--crop", type=positive_int, help="centre crop size (preset: 224)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (preset: bilinear)")
+    g.add_argument("--mean", metavar="A,B,C", help="normalisation mean (preset: 0.485,0.456,0.406)")
+    g.add_argument("--std", metavar="A,B,C", help="normalisation std (preset: 0.229,0.224,0.225)")
+    g.add_argument("--decode", choices=DECODE_MODES, default=None,
+                   help="exact (pixels identical to torchvision's transforms, the default) or fast")
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64) -> None:
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--batch-size", type=positive_int, default=batch_default, help="(default: %(default)s)")
+    g.add_argument("--workers", type=positive_int, default=1,
+                   help="decode worker processes (default: %(default)s)")
+    g.add_argument("--ring-slots", type=positive_int, default=0,
+                   help="batch slots in shared memory (default: in-flight batches + 2)")
+    g.add_argument("--inflight", type=positive_int, default=3,
+                   help="batches on the device at once (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, default=0,
+                   help="cpu backend: torch threads (default: the cores the workers leave)")
+    g.add_argument("--compute-only-iters", type=positive_int, default=0,
+                   help="model calls timed for the compute-only figure (default: about 2 s worth)")
+    g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>) or a flat folder")
+    g.add_argument("--labels", metavar="FILE",
+                   help="for a flat folder: lines 'FILENAME INDEX' (like val_label.txt)")
+    g.add_argument("--limit", type=positive_int, help="only the first N images (file-name order)")
+
+
+def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
+    """Resolve the preset for --model with every preprocessing flag given, into a RunConfig."""
+    overrides = {
+        "resize": a.resize, "crop": a.crop, "interpolation": a.interpolation, "decode": a.decode,
+        "mean": parse_triple(a.mean, "--mean") if a.mean else None,
+        "std": parse_triple(a.std, "--std") if a.std else None,
+    }
+    precision = a.precision
+    if precision is None:
+        precision = "fp32" if a.backend in ("cpu", "sim") else "fp16"
+    fields = dict(
+        data=getattr(a, "data", None), labels=getattr(a, "labels", None), limit=getattr(a, "limit", None),
+        weights=a.weights, ts=a.ts, backend=a.backend, device=a.device, precision=precision, shape=a.shape,
+        soc_version=a.soc_version, optimization_level=a.optimization_level, cache_dir=a.cache_dir,
+        use_cache=not a.no_cache, batch_size=a.batch_size, workers=a.workers, ring_slots=a.ring_slots,
+        inflight=a.inflight, threads=a.threads, compute_only_iters=a.compute_only_iters,
+        sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
+    )
+    fields.update(extra)
+    return resolve_config(a.model, overrides, **fields)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run-eval",
+        description="Exact ImageNet accuracy (top-1/top-5) with end-to-end and compute-only throughput "
+                    "from the same run.")
+    add_data_args(p)
+    add_model_args(p)
+    add_preprocess_args(p)
+    add_pipeline_args(p)
+    p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def run_eval_main(argv: Optional[List[str]] = None) -> int:
+    from engine.backends.base import BackendError
+    from engine.dataset import DatasetError
+    from engine.evaluate import EXIT_ERROR, EXIT_USAGE, run_eval
+    from engine.pool import PoolError
+    from engine.ring import RingError
+
+    p = eval_parser()
+    a = p.parse_args(argv)
+    if not a.data:
+        p.error("--data is required")
+    try:
+        cfg = config_from_args(a, json_path=a.json)
+        _, status = run_eval(cfg)
+        return status
+    except (ConfigError, DatasetError) as e:
+        print(f"run-eval: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BackendError, PoolError, RingError) as e:
+        print(f"run-eval: error: {e}", file=sys.stderr)
+        return EXIT_ERROR

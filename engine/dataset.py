@@ -1,0 +1,224 @@
+"""Building the index of a run: which files, in which order, with which labels.
+
+Layouts:
+- ImageFolder: `DIR/<class>/<image>` (what `valprep.sh` produces). Folder names that are all
+  ImageNet wnids get the standard ImageNet indices, so a subset of classes still scores
+  correctly; other names are sorted and numbered like torchvision's ImageFolder.
+- Flat folder plus a label file, one `FILENAME INDEX` per line (the reference's
+  `val_label.txt`); the file name may lack its extension.
+- Unlabelled: a folder searched recursively, or a text file with one path per line (scoring).
+
+The order is fixed: by file name, then by relative path, so `--limit N` takes the first N
+validation images (`ILSVRC2012_val_00000001` onward), which span all classes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.classes import imagenet_classes, wnid_to_index
+
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LABEL_FILE_NAMES = ("val_label.txt",)
+UNLABELLED = -1
+
+
+class DatasetError(ValueError):
+    """The data or label paths are unusable; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An ordered list of image files (relative to `root`) with integer labels (-1: none)."""
+
+    root: str
+    paths: Tuple[str, ...]
+    labels: np.ndarray
+    class_names: Tuple[str, ...]  # display name per class index
+    layout: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def abspath(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _sort_key(rel: str) -> Tuple[str, str]:
+    return (os.path.basename(rel), rel)
+
+
+def _finish(root: str, pairs: List[Tuple[str, int]], class_names, layout: str, limit: Optional[int]) -> Dataset:
+    if not pairs:
+        raise DatasetError(f"{root}: no images found (looked for {', '.join(IMG_EXTENSIONS)})")
+    pairs.sort(key=lambda p: _sort_key(p[0]))
+    if limit is not None:
+        pairs = pairs[:limit]
+    paths = tuple(p for p, _ in pairs)
+    labels = np.fromiter((l for _, l in pairs), dtype=np.int64, count=len(pairs))
+    return Dataset(root=root, paths=paths, labels=labels, class_names=tuple(class_names), layout=layout)
+
+
+def _imagenet_names() -> Tuple[str, ...]:
+    return tuple(name for _, name in imagenet_classes())
+
+
+def _image_folder(root: str, class_dirs: Sequence[str], limit: Optional[int]) -> Dataset:
+    table = wnid_to_index()
+    if all(d in table for d in class_dirs):
+        index_of = {d: table[d] for d in class_dirs}
+        names = _imagenet_names()
+    else:
+        index_of = {d: i for i, d in enumerate(sorted(class_dirs))}
+        names = tuple(sorted(class_dirs))
+    pairs: List[Tuple[str, int]] = []
+    for d in class_dirs:
+        base = os.path.join(root, d)
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            dirnames.sort()
+            for name in filenames:
+                if _is_image_name(name):
+                    pairs.append((os.path.relpath(os.path.join(dirpath, name), root), index_of[d]))
+    return _finish(root, pairs, names, "folder", limit)
+
+
+def read_label_file(path: str) -> List[Tuple[str, int]]:
+    """Parse `FILENAME INDEX` lines; blank lines and `#` comments are skipped."""
+    entries: List[Tuple[str, int]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DatasetError(f"--labels {path}: cannot read ({e.strerror or e})")
+    except UnicodeDecodeError:
+        raise DatasetError(f"--labels {path}: not a text file (expected lines 'FILENAME INDEX')")
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.rsplit(None, 1)
+        if len(parts) != 2:
+            raise DatasetError(f"--labels {path}:{number}: expected 'FILENAME INDEX', got {line!r}")
+        name, index = parts
+        try:
+            label = int(index)
+        except ValueError:
+            raise DatasetError(f"--labels {path}:{number}: class index {index!r} is not an integer")
+        if label < 0:
+            raise DatasetError(f"--labels {path}:{number}: class index {label} is negative")
+        entries.append((name, label))
+    if not entries:
+        raise DatasetError(f"--labels {path}: no 'FILENAME INDEX' lines")
+    return entries
+
+
+def _few(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_classes: int) -> Dataset:
+    entries = read_label_file(label_file)
+    label_path = os.path.abspath(label_file)
+    files = sorted(
+        n for n in os.listdir(root)
+        if os.path.join(root, n) != label_path and not os.path.isdir(os.path.join(root, n))
+    )
+    by_name = {n: n for n in files}
+    by_stem = {}
+    for n in files:
+        by_stem.setdefault(os.path.splitext(n)[0], n)
+    pairs: List[Tuple[str, int]] = []
+    seen = {}
+    missing = []
+    for name, label in entries:
+        found = by_name.get(name) or by_stem.get(name) or by_stem.get(os.path.splitext(name)[0])
+        if found is None:
+            missing.append(name)
+            continue
+        if found in seen:
+            if seen[found] != label:
+                raise DatasetError(f"--labels {label_file}: {name} is listed twice with labels {seen[found]} and {label}")
+            continue
+        if label >= num_classes:
+            raise DatasetError(
+                f"--labels {label_file}: {name} has class index {label}, but the model has {num_classes} classes"
+            )
+        seen[found] = label
+        pairs.append((found, label))
+    if missing:
+        raise DatasetError(
+            f"--labels {label_file} names {len(missing)} file(s) that are not in {root}: {_few(missing)}"
+        )
+    unlabelled = [n for n in files if _is_image_name(n) and n not in seen]
+    if unlabelled:
+        raise DatasetError(
+            f"{root}: {len(unlabelled)} image(s) have no line in --labels {label_file}: {_few(unlabelled)}"
+            " (add them to the label file, or move them out of the folder)"
+        )
+    names = _imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
+    return _finish(root, pairs, names, "flat", limit)
+
+
+def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Optional[int] = None,
+                  num_classes: int = 1000) -> Dataset:
+    """The labelled index of `data` (ImageFolder, or a flat folder with a label file)."""
+    if not data:
+        raise DatasetError("--data is required: a folder of class folders, or a flat folder with --labels")
+    root = os.path.abspath(data)
+    if not os.path.exists(root):
+        raise DatasetError(f"--data {data}: no such folder")
+    if not os.path.isdir(root):
+        raise DatasetError(f"--data {data}: not a folder")
+    if labels is not None:
+        if not os.path.isfile(labels):
+            raise DatasetError(f"--labels {labels}: no such file")
+        return _flat_with_labels(root, labels, limit, num_classes)
+    entries = sorted(os.listdir(root))
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+    if class_dirs:
+        return _image_folder(root, class_dirs, limit)
+    for name in LABEL_FILE_NAMES:
+        if name in entries:
+            return _flat_with_labels(root, os.path.join(root, name), limit, num_classes)
+    if any(_is_image_name(e) for e in entries):
+        raise DatasetError(
+            f"--data {data}: images but no class folders and no label file; give --labels FILE"
+            " (lines 'FILENAME INDEX') or arrange the images as DIR/<class>/<image>"
+        )
+    raise DatasetError(f"--data {data}: empty folder (no class folders, no images)")
+
+
+def build_unlabelled(data: str, limit: Optional[int] = None) -> Dataset:
+    """Every image under a folder (recursively) or listed in a text file, for scoring."""
+    root = os.path.abspath(data)
+    if not os.path.exists(root):
+        raise DatasetError(f"--data {data}: no such file or folder")
+    rels: List[str] = []
+    if os.path.isdir(root):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            rels.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in filenames if _is_image_name(n))
+        base = root
+    else:
+        base = os.path.dirname(root)
+        with open(root, encoding="utf-8") as f:
+            for line in f:
+                p = line.strip()
+                if p and not p.startswith("#"):
+                    rels.append(os.path.relpath(os.path.join(base, p), base) if not os.path.isabs(p) else p)
+    pairs = [(r, UNLABELLED) for r in rels]
+    return _finish(base, pairs, _imagenet_names(), "unlabelled", limit)

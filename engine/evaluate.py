@@ -1,0 +1,190 @@
+"""`run-eval`: dataset -> ring + worker pool -> backend, with compute-only measured in the same run.
+
+Exit statuses: 0 every image scored; 1 some images failed (listed in the report); 2 bad options or
+paths; 3 the run could not go on (worker, backend or shared-memory error); 130/143 stopped by
+SIGINT/SIGTERM (a partial report is still written, labelled partial).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import sys
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from engine import __version__
+from engine.backends import create_backend
+from engine.backends.base import Backend
+from engine.config import RunConfig
+from engine.dataset import Dataset, build_dataset
+from engine.metrics import Metrics
+from engine.pool import WorkerPool
+from engine.report import Progress, environment, format_eval, write_json
+from engine.ring import Ring
+from engine.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
+
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+
+
+class Stopped(Exception):
+    """The run was stopped by a signal; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def measure_compute_only(backend: Backend, batch_size: int, iterations: int = 0, budget_s: float = 2.0):
+    """Latencies of the model alone on a resident batch; with iterations=0, about `budget_s` worth."""
+    if iterations:
+        return backend.compute_only(batch_size, iterations, warmup=2)
+    probe = backend.compute_only(batch_size, 1, warmup=1)
+    n = int(max(2, min(200, budget_s / max(probe[0], 1e-6))))
+    return probe + backend.compute_only(batch_size, n - 1, warmup=0)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: cancel the run (partial report). Second: exit at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task, ring: Optional[Ring]):
+        self.loop, self.task, self.ring = loop, task, ring
+        self.signum: Optional[int] = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, self._on_signal, s)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.signum is not None:
+            if self.ring is not None:
+                self.ring.close()  # unlink the shared memory even on a forced exit
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping (again to force)", file=sys.stderr)
+        self.task.cancel()
+
+    def remove(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(s)
+
+
+def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Dict, stats: PipelineStats,
+                 compute_lat, pool: Optional[WorkerPool], loop: str, partial: bool) -> Dict:
+    n_done = metrics.images + metrics.failed
+    e2e = n_done / stats.wall_s if stats.wall_s > 0 else 0.0
+    compute = cfg.batch_size / float(np.mean(compute_lat)) if compute_lat else 0.0
+    workers = pool.worker_stats() if pool is not None else []
+    busy = sum(w["busy_s"] for w in workers)
+    per_worker = (sum(w["images"] for w in workers) / busy) if busy > 0 else 0.0
+    return {
+        "top1": metrics.accuracy(1),
+        "top5": metrics.accuracy(5),
+        "correct_top1": metrics.correct[1],
+        "correct_top5": metrics.correct[5],
+        "images": metrics.images,
+        "failed": metrics.failed,
+        "dataset_images": len(ds),
+        "partial": partial,
+        "failures": [{"index": i, "path": p, "reason": r} for i, p, r in metrics.failures],
+        "throughput": {
+            "end_to_end": e2e,
+            "compute_only": compute,
+            "ratio": e2e / compute if compute else None,
+            "compute_only_iterations": len(compute_lat or []),
+            "compute_only_latency_ms": {
+                "mean": 1000 * float(np.mean(compute_lat)) if compute_lat else None,
+                "p50": 1000 * float(np.percentile(compute_lat, 50)) if compute_lat else None,
+                "p99": 1000 * float(np.percentile(compute_lat, 99)) if compute_lat else None,
+            },
+        },
+        "stages": {
+            "wall_s": stats.wall_s,
+            "wait_s": stats.wait_s,
+            "copy_s": stats.copy_s,
+            "compute_s": stats.compute_s,
+            "reduce_s": stats.reduce_s,
+            "decode_s": stats.decode_s,
+            "decode_img_per_s_per_worker": per_worker,
+            "workers": workers,
+            "worker_deaths": [{"worker": w, "how": h, "path": p} for w, h, p in (pool.deaths if pool else [])],
+        },
+        "per_class": metrics.per_class(ds.class_names),
+        "backend": backend_info,
+        "loop": loop,
+        "config": cfg.to_dict(),
+        "version": __version__,
+        "environment": environment(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, metrics: Metrics, state: Dict):
+    loop = asyncio.get_running_loop()
+    pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers)
+    state["pool"] = pool
+    try:
+        await pool.start()
+        # compute-only first, while the workers are idle: inputs already on the device
+        state["compute"] = await loop.run_in_executor(
+            None, measure_compute_only, backend, cfg.batch_size, cfg.compute_only_iters)
+
+        def reduce(r: BatchResult) -> None:
+            for row, reason in r.failures:
+                i = int(r.indices[row])
+                metrics.fail(i, ds.paths[i], reason)
+            if r.ok.any():
+                metrics.update(r.logits[r.ok], r.labels[r.ok])
+
+        progress = Progress(len(ds), cfg.progress)
+        state["stats"] = PipelineStats()
+        await run_pipeline(pool, ring, backend, len(ds), cfg.batch_size, cfg.inflight, reduce, progress,
+                           stats=state["stats"])
+        progress.close()
+    finally:
+        pool.close()
+
+
+def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
+    """Run the evaluation; prints the table, writes `--json`; returns (report, exit status)."""
+    out = out or sys.stdout
+    ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
+    backend = create_backend(cfg)
+    cfg = cfg.replace(backend=backend.name)
+    metrics = Metrics(cfg.num_classes)
+    state: Dict = {"stats": None, "compute": None, "pool": None}
+    ring = None
+    loop = new_event_loop()
+    stopped: Optional[int] = None
+    t0 = time.monotonic()
+    try:
+        backend.prepare(cfg.batch_size)
+        ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+        backend.register_host_memory(ring.buffer())
+        task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
+        signals = _Signals(loop, task, ring)
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if signals.signum is None:
+                raise
+            stopped = signals.signum
+        finally:
+            signals.remove()
+    finally:
+        loop.close()
+        backend.unregister_host_memory()
+        if ring is not None:
+            ring.close()
+        backend.close()
+    stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
+    report = build_report(cfg, ds, metrics, backend.describe(), stats, state["compute"], state["pool"],
+                          loop_name(loop), partial=stopped is not None)
+    print(format_eval(report), file=out)
+    if cfg.json_path:
+        write_json(cfg.json_path, report)
+    if stopped is not None:
+        return report, 128 + stopped
+    return report, EXIT_FAILED_IMAGES if metrics.failed else EXIT_OK

@@ -1,0 +1,103 @@
+"""Reports: a human table on stdout, progress on stderr, and a JSON file with every figure."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, Optional, TextIO
+
+
+def _fmt_rate(x: Optional[float]) -> str:
+    return "-" if not x else f"{x:,.1f} img/s"
+
+
+class Progress:
+    """Live images and img/s on stderr: a rewritten line on a terminal, a line every few s otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO = sys.stderr, label: str = "scored"):
+        self.total, self.enabled, self.stream, self.label = total, enabled, stream, label
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def __call__(self, done: int, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if done < self.total and now - self._last < (0.5 if self.tty else 5.0):
+            return
+        self._last = now
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        line = f"{self.label} {done:,}/{self.total:,} images  {rate:,.1f} img/s  eta {eta:,.0f} s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def environment() -> Dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        import PIL
+
+        info["pillow"] = PIL.__version__
+    except ImportError:
+        pass
+    for mod in ("torch", "torchvision", "numpy"):
+        m = sys.modules.get(mod)
+        if m is not None:
+            info[mod] = getattr(m, "__version__", "?")
+    return info
+
+
+def format_eval(report: Dict, max_failures: int = 20) -> str:
+    """The human summary of an evaluation report."""
+    cfg, tp, st, be = report["config"], report["throughput"], report["stages"], report["backend"]
+    spec = cfg["preprocess"]
+    weights = be.get("weights") or be.get("ts") or be.get("source", "?")
+    lines = []
+    title = "PARTIAL " if report.get("partial") else ""
+    lines.append(f"{title}ImageNet evaluation: {cfg['model']} ({weights}) on {be.get('backend')}"
+                 f" [{be.get('device', '')}], batch {cfg['batch_size']}, {cfg['workers']} worker(s), "
+                 f"{spec['decode']} decode, resize {spec['resize']} crop {spec['crop']} {spec['interpolation']}")
+    total = report["images"] + report["failed"]
+    lines.append(f"  images        {report['images']:,} scored, {report['failed']:,} failed"
+                 f" (of {report['dataset_images']:,} in the set{', stopped early' if report.get('partial') else ''})")
+    lines.append(f"  top-1         {report['top1']:.3f} %  ({report['correct_top1']:,} / {report['images']:,})")
+    lines.append(f"  top-5         {report['top5']:.3f} %  ({report['correct_top5']:,} / {report['images']:,})")
+    lines.append(f"  end to end    {_fmt_rate(tp['end_to_end'])}  ({total:,} images in {st['wall_s']:.2f} s)")
+    lines.append(f"  compute only  {_fmt_rate(tp['compute_only'])}  (batch {cfg['batch_size']}, input on the device,"
+                 f" {tp.get('compute_only_iterations', 0)} calls)")
+    if tp.get("ratio"):
+        lines.append(f"  ratio         {tp['ratio']:.3f}  (end to end / compute only)")
+    lines.append(f"  stages        waiting for decoded batches {st['wait_s']:.2f} s | copy {st['copy_s']:.2f} s"
+                 f" | compute+D2H {st['compute_s']:.2f} s | reduce {st['reduce_s']:.3f} s (sums over batches)")
+    lines.append(f"  decode        {st['decode_s']:.2f} s of worker time, {st['decode_img_per_s_per_worker']:,.1f}"
+                 f" img/s per busy worker, loop {report['loop']}")
+    if report["failed"]:
+        lines.append(f"  failed images ({report['failed']}):")
+        for f in report["failures"][:max_failures]:
+            lines.append(f"    {f['path']}: {f['reason']}")
+        if report["failed"] > max_failures:
+            lines.append(f"    ... and {report['failed'] - max_failures} more (all in --json)")
+    return "\n".join(lines)
+
+
+def write_json(path: str, report: Dict) -> None:
+    """Write atomically: a report is never half-written."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,218 @@
+"""The shared-memory ring of batch slots.
+
+NOTE [Slot ownership and shutdown]
+==================================
+
+One shared-memory block holds K slots. Slot k is a batch: `uint8[B, H, W, 3]` pixels, and per
+image an int64 label, an int64 dataset index, an int8 status, the decode start time and the
+decode time in ns. Only small
+integers and file paths travel through the worker pipes; pixels are never pickled.
+
+Every slot is owned by exactly one party at a time, and only the parent moves it on:
+
+        parent: Pool.fill()            workers: chunk jobs             parent: scheduler
+    FREE ------------------> FILLING ------------------> READY ------------------> COPYING
+      ^   writes labels and           each worker writes its           backend.submit(): H2D
+      |   indices, sends chunk        images' pixels, status and       copy of pixels[:n]
+      |   jobs (slot, offset, paths)  decode time, then replies        |
+      +----------------------------------------------------------------+
+                 the copy has finished (not the model): the slot is FREE again
+
+- A worker writes only the rows of the chunk it was sent, and only while the slot is FILLING.
+  It sets status BUSY before decoding an image and OK/FAILED after, so when a worker dies the
+  parent knows which image it was decoding (see `engine/pool.py`, `WorkerPool._on_death`).
+- The parent never reads a slot's pixels before all its chunks are answered, and never hands a
+  slot back to the workers before the backend reports the copy done (`engine/scheduler.py`).
+- Shutdown (normal end, error, Ctrl-C, SIGTERM): the parent closes the worker pipes (workers see
+  EOF and exit), waits briefly, kills what is left, then closes and unlinks the block. Workers
+  never unlink. If the parent is killed outright, workers see EOF on their pipe (and get SIGKILL
+  through PR_SET_PDEATHSIG on Linux); the block is unlinked by Python's resource tracker, and
+  failing that, by `cleanup_stale()` at the next start: names carry the owner's pid.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+from typing import Optional, Tuple
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+NAME_PREFIX = "iengine-"
+ALIGN = 4096
+
+# per-image status, written by the workers (see the NOTE above)
+EMPTY, BUSY, OK, FAILED = 0, 1, 2, 3
+
+
+class RingError(RuntimeError):
+    """The ring cannot be created; the message gives the figures and what to change."""
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+class Layout:
+    """Byte offsets of every array in the block; the same arithmetic in parent and workers."""
+
+    def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int]):
+        self.slots, self.batch, self.shape = slots, batch, tuple(shape)
+        self.image_bytes = int(np.prod(shape))
+        self.slot_bytes = _round_up(batch * self.image_bytes)
+        meta = slots * batch
+        self.labels_at = 0
+        self.indices_at = self.labels_at + 8 * meta
+        self.decode_ns_at = self.indices_at + 8 * meta
+        self.started_at = self.decode_ns_at + 8 * meta
+        self.status_at = self.started_at + 8 * meta
+        self.pixels_at = _round_up(self.status_at + meta)
+        self.size = self.pixels_at + slots * self.slot_bytes
+
+
+def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
+    """Unlink ring blocks whose owning process is gone (a parent killed outright). Returns a count."""
+    removed = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.match(re.escape(NAME_PREFIX) + r"(\d+)-", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_space(nbytes: int, slots: int, batch: int, shm_dir: str = SHM_DIR) -> None:
+    """Refuse to start when the ring does not fit in the shared-memory mount."""
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return  # no /dev/shm (not Linux): nothing to check against
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        mib = 1 << 20
+        raise RingError(
+            f"the ring needs {nbytes / mib:.0f} MiB of shared memory ({slots} slots x batch {batch}) "
+            f"but {shm_dir} has {free / mib:.0f} MiB free: lower --batch-size or --ring-slots, "
+            f"or enlarge the mount (docker run --shm-size=..., or mount -o remount,size=... {shm_dir})"
+        )
+
+
+class Ring:
+    """K batch slots in one shared-memory block. Create in the parent; `attach` in workers."""
+
+    def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int], name: Optional[str] = None,
+                 create: bool = True):
+        self.layout = lay = Layout(slots, batch, shape)
+        self.slots, self.batch, self.shape = slots, batch, tuple(shape)
+        self._owner = create
+        self._shm = None
+        if create:
+            cleanup_stale()
+            check_space(lay.size, slots, batch)
+            from multiprocessing import shared_memory
+
+            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=lay.size)
+            self.name = self._shm.name.lstrip("/")
+            self._buf = self._shm.buf
+        else:
+            assert name is not None, "attach needs the ring's name"
+            self.name = name
+            self._buf = _attach(name, lay.size)
+        buf = self._buf
+        meta = (slots, batch)
+        self.labels = np.ndarray(meta, np.int64, buf, lay.labels_at)
+        self.indices = np.ndarray(meta, np.int64, buf, lay.indices_at)
+        self.decode_ns = np.ndarray(meta, np.int64, buf, lay.decode_ns_at)
+        self.started = np.ndarray(meta, np.float64, buf, lay.started_at)  # worker's time.monotonic()
+        self.status = np.ndarray(meta, np.int8, buf, lay.status_at)
+        self._pixels = [
+            np.ndarray((batch,) + self.shape, np.uint8, buf, lay.pixels_at + k * lay.slot_bytes)
+            for k in range(slots)
+        ]
+
+    @classmethod
+    def attach(cls, name: str, slots: int, batch: int, shape: Tuple[int, int, int]) -> "Ring":
+        return cls(slots, batch, shape, name=name, create=False)
+
+    def pixels(self, slot: int) -> np.ndarray:
+        """The `uint8[B, H, W, 3]` pixel array of a slot (a view into shared memory)."""
+        return self._pixels[slot]
+
+    def buffer(self) -> memoryview:
+        """The whole block, for backends that register it as pinned memory."""
+        return self._buf
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.size
+
+    def close(self) -> None:
+        """Drop the views; the owner also unlinks the block. Safe to call twice."""
+        self.labels = self.indices = self.decode_ns = self.started = self.status = None  # type: ignore[assignment]
+        self._pixels = []
+        buf, self._buf = self._buf, None
+        if self._shm is not None:
+            shm, self._shm = self._shm, None
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; unlinking below still frees the memory
+            if self._owner:
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+        elif isinstance(buf, mmap.mmap):
+            try:
+                buf.close()
+            except BufferError:
+                pass
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _attach(name: str, size: int):
+    """Map an existing block without registering it with a resource tracker (workers never unlink)."""
+    path = os.path.join(SHM_DIR, name)
+    if os.path.isdir(SHM_DIR):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+    from multiprocessing import shared_memory  # pragma: no cover - non-Linux
+
+    try:
+        shm = shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
+    except TypeError:
+        shm = shared_memory.SharedMemory(name=name)
+    return shm.buf
