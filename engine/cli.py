@@ -55,6 +55,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where compiled models are cached (default: $IMAGENET_ENGINE_CACHE or "
                         "~/.cache/imagenet-engine)")
     g.add_argument("--no-cache", action="store_true", help="compile afresh, do not read or write the cache")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="cuda: capture the model as a CUDA graph and replay it (static shape: a short last "
+                        "batch is padded)")
     g.add_argument("--sim-batch-ms", type=non_negative_float, default=10.0,
                    help="sim: device time per batch in ms (default: %(default)s)")
     g.add_argument("--sim-h2d-gbps", type=non_negative_float, default=0.0,
@@ -112,6 +115,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         soc_version=a.soc_version, optimization_level=a.optimization_level, cache_dir=a.cache_dir,
         use_cache=not a.no_cache, batch_size=a.batch_size, workers=a.workers, ring_slots=a.ring_slots,
         inflight=a.inflight, threads=a.threads, compute_only_iters=a.compute_only_iters,
+        cuda_graphs=a.cuda_graphs,
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
     )
     fields.update(extra)

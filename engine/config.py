@@ -115,6 +115,7 @@ class RunConfig:
     sim_h2d_gbps: float = 0.0  # 0: copies are free
     compute_only_iters: int = 0  # 0: chosen from the backend's speed
     threads: int = 0  # torch intra-op threads for the cpu backend; 0: cores left by workers
+    cuda_graphs: bool = False  # cuda: replay the model as a CUDA graph (static shapes, padded batches)
     json_path: Optional[str] = None
     progress: bool = True
 
