@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -122,11 +124,20 @@ def build_torchvision(model: str, weights: Optional[str], num_classes: int = 100
     return net.eval(), source
 
 
+@contextmanager
+def quiet_jit():
+    """Silence torch >= 2.9's FutureWarnings that TorchScript is deprecated (--ts and torch_aie need it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        yield
+
+
 def load_torchscript(path: str, map_location: str = "cpu") -> nn.Module:
     if not os.path.isfile(path):
         raise BackendError(f"--ts {path}: no such file")
     try:
-        return torch.jit.load(path, map_location=map_location).eval()
+        with quiet_jit():
+            return torch.jit.load(path, map_location=map_location).eval()
     except Exception as e:
         raise BackendError(f"--ts {path}: not a loadable TorchScript file ({type(e).__name__}: {str(e)[:300]})")
 
