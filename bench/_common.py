@@ -1,0 +1,85 @@
+"""Shared helpers for the benchmarks: cached synthetic data, timing the pool, result blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def bench_data(images: int, classes: int = 20, seed: int = 7) -> str:
+    """A synthetic ImageNet-like set in .cache/bench-data-N (made once)."""
+    from engine.synthetic import make_dataset
+
+    root = os.path.join(ROOT, ".cache", f"bench-data-{images}-{classes}-{seed}")
+    done = os.path.join(root, ".complete")
+    if not os.path.exists(done):
+        make_dataset(root, images, classes, layout="folder", seed=seed)
+        open(done, "w").close()
+    return root
+
+
+def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, limit=None, decode="exact",
+             inflight: int = 3, loop_kind: str = "auto", **fields):
+    """Time the whole pipeline (worker start included) on the sim backend.
+
+    Returns (images, seconds, PipelineStats, compute-only img/s).
+    """
+    from engine.backends.sim import SimBackend
+    from engine.config import resolve_config
+    from engine.dataset import build_dataset
+    from engine.evaluate import measure_compute_only
+    from engine.pool import WorkerPool
+    from engine.ring import Ring
+    from engine.scheduler import new_event_loop, run_pipeline
+
+    cfg = resolve_config("resnext50_32x4d", {"decode": decode}, backend="sim", batch_size=batch, workers=workers,
+                         sim_batch_ms=sim_batch_ms, inflight=inflight, **fields)
+    ds = build_dataset(data, limit=limit)
+    backend = SimBackend(cfg)
+    backend.prepare(batch)
+    ring = Ring(cfg.slots, batch, cfg.preprocess.shape)
+    out = {}
+
+    async def main():
+        t = time.perf_counter()
+        pool = WorkerPool(ring, ds, cfg.preprocess, workers)
+        await pool.start()
+        try:
+            lat = measure_compute_only(backend, batch, 5) if sim_batch_ms else None
+            t = time.perf_counter() if lat else t
+            stats = await run_pipeline(pool, ring, backend, len(ds), batch, inflight, lambda r: None)
+        finally:
+            pool.close()
+        out["seconds"] = time.perf_counter() - t
+        out["stats"] = stats
+        out["compute"] = batch / (sum(lat) / len(lat)) if lat else None
+
+    loop = new_event_loop(loop_kind)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        ring.close()
+    return len(ds), out["seconds"], out["stats"], out["compute"]
+
+
+def machine() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        model = platform.processor()
+    return f"{model}, {len(os.sched_getaffinity(0))} cores usable"
+
+
+def result_block(name: str, **figures) -> None:
+    """One machine-readable line: `RESULT {json}`."""
+    print("RESULT " + json.dumps(dict(bench=name, machine=machine(), **figures), sort_keys=True))
