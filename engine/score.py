@@ -1,0 +1,631 @@
+"""`run-score`: top-k predictions for every image of a folder or list, in parts, exactly once.
+
+    --data DIR|LIST -> manifest (frozen, hashed) -> OUT/manifest.tsv + OUT/run.json
+    shard i/n -> its contiguous range of parts -> minus the parts already done -> pending parts
+    pending ids -> ring + worker pool -> backend (one run_pipeline per contiguous run of parts)
+    -> reduce: softmax + top-k, rows routed into per-part buffers (batches finish in any order)
+    -> a buffer that has all its rows -> the writer thread -> commit (NOTE in engine/writer.py)
+    -> every part of the manifest done -> OUT/_SUCCESS
+
+Resuming is the default: OUT/run.json holds the manifest hash and the configuration that
+decides the rows (model, weights hash, backend, precision, preprocessing, top-k, format, part
+size); a run whose manifest or configuration differs is refused, one that matches skips the
+parts already done. With `--ray`, engine/ray_runner.py runs the same `PartScorer` in Ray actors.
+
+Exit statuses: 0 every image of this shard scored; 1 some images failed (error rows); 2 bad
+options, or OUT belongs to another run; 3 the run could not go on (disk full, worker, backend
+or shared-memory error); 130/143 stopped by SIGINT/SIGTERM (finished parts are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine import __version__
+from engine.classes import imagenet_classes
+from engine.config import RunConfig
+from engine.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
+from engine.metrics import topk_indices
+from engine.scheduler import BatchResult, PipelineStats
+from engine.writer import (FORMATS, RUN_FILE, DiskFullError, OutputDir, OutputError, PartRows, PartWriter,
+                           RowEncoder, create_once)
+
+EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
+DEFAULT_PART_SIZE = 10000
+
+# The run.json keys that decide the rows: a resume must match every one of them.
+FINGERPRINT_KEYS = ("manifest_sha256", "manifest_images", "part_size", "format", "topk", "model", "weights_sha256",
+                    "ts_sha256", "backend", "precision", "num_classes", "preprocessing", "max_image_pixels")
+
+
+class MismatchError(ValueError):
+    """OUT holds another run (other manifest or configuration); the message lists the differences."""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What `run-score` adds to a `RunConfig`."""
+
+    out: str
+    topk: int = 5
+    fmt: str = "parquet"
+    part_size: int = DEFAULT_PART_SIZE
+    shard: Optional[str] = None  # "i/n"; None: from the environment
+    resume: bool = True
+    ray: Optional[str] = None  # None: local; "local": a local Ray cluster; else a cluster address
+    ray_actors: int = 0  # 0: one per accelerator
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_roundtrip(d: Dict) -> Dict:
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Dict:
+    """run.json: the fingerprint (FINGERPRINT_KEYS) plus what is useful to know about the run."""
+    weights_sha = file_sha256(cfg.weights) if cfg.weights and os.path.isfile(cfg.weights) else None
+    ts_sha = file_sha256(cfg.ts) if cfg.ts and os.path.isfile(cfg.ts) else None
+    meta = {
+        "manifest_sha256": manifest.sha256, "manifest_images": len(manifest), "part_size": opts.part_size,
+        "format": opts.fmt, "topk": min(opts.topk, cfg.num_classes), "model": cfg.model,
+        "weights_sha256": weights_sha, "ts_sha256": ts_sha, "backend": cfg.backend,
+        "precision": cfg.precision, "num_classes": cfg.num_classes,
+        "preprocessing": dataclasses.asdict(cfg.preprocess),
+        "max_image_pixels": getattr(cfg, "max_image_pixels", None),  # which huge images fail
+        # not compared on resume:
+        "engine": "imagenet-engine", "engine_version": __version__, "weights": cfg.weights, "ts": cfg.ts,
+        "data_root": manifest.root, "parts": manifest.num_parts(opts.part_size),
+        "columns": ["id", "path", "topk_index", "topk_prob", "top1_wnid", "top1_name", "error"],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return _json_roundtrip(meta)
+
+
+def _differences(old: Dict, new: Dict) -> List[str]:
+    out = []
+    for k in FINGERPRINT_KEYS:
+        if old.get(k) != new.get(k):
+            a, b = json.dumps(old.get(k)), json.dumps(new.get(k))
+            if k == "manifest_sha256":
+                a, b = a[:14] + '..."', b[:14] + '..."'
+            out.append(f"{k}: {a} there, {b} now")
+    return out
+
+
+@dataclass
+class Job:
+    """One process's share of a scoring run: the folder, the manifest and the parts to score."""
+
+    cfg: RunConfig
+    opts: ScoreOptions
+    manifest: Manifest
+    meta: Dict
+    out: OutputDir
+    shard: Tuple[int, int]
+    shard_source: str
+    parts: range  # this shard's parts
+    done_before: Dict[int, Dict]  # part -> done record, at start
+    pending: List[int]
+
+    def pending_images(self) -> int:
+        return sum(self.part_size_of(p) for p in self.pending)
+
+    def part_size_of(self, part: int) -> int:
+        lo, hi = self.manifest.part_range(part, self.opts.part_size)
+        return hi - lo
+
+
+def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Tuple[OutputDir, Dict]:
+    """Create OUT with manifest.tsv and run.json, or check that they match this run (resume)."""
+    meta = run_metadata(cfg, opts, manifest)
+    out = OutputDir(opts.out, manifest.num_parts(opts.part_size), opts.fmt)
+    try:
+        os.makedirs(out.path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {opts.out}: cannot create the folder ({e.strerror or e})")
+    run_path = out.file(RUN_FILE)
+    if os.path.exists(run_path):
+        if not opts.resume:
+            raise MismatchError(f"--out {opts.out} already holds a scoring run ({RUN_FILE}); run without "
+                                "--no-resume to resume it, or give a new --out")
+        old = _read_json(run_path)
+        diff = _differences(old, meta)
+        if diff:
+            raise MismatchError(
+                f"--out {opts.out} holds a run with another manifest or configuration, refusing to mix them:\n  "
+                + "\n  ".join(diff)
+                + "\nresume with the same --data and options, or give a new --out")
+    manifest_path = out.file(MANIFEST_FILE)
+    if not create_once(manifest_path, manifest.text().encode("utf-8", "surrogateescape")):
+        sha = _header_sha(manifest_path)
+        if sha != manifest.sha256:
+            raise MismatchError(
+                f"--out {opts.out} holds the manifest of other images ({MANIFEST_FILE} sha256 {str(sha)[:12]}..., "
+                f"this --data gives {len(manifest):,} images, sha256 {manifest.sha256[:12]}...: files added, "
+                "removed or resized); give a new --out, or the --data it was made from")
+    if not create_once(run_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()):
+        diff = _differences(_read_json(run_path), meta)  # another shard created it meanwhile
+        if diff:
+            raise MismatchError(f"--out {opts.out}: another process started a different run there:\n  "
+                                + "\n  ".join(diff))
+    return out, meta
+
+
+def _read_json(path: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise OutputError(f"{path}: unreadable ({e}); move it away to start afresh")
+
+
+def _header_sha(path: str) -> Optional[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for _ in range(8):
+            line = f.readline()
+            if line.startswith("# sha256\t"):
+                return line.split("\t", 1)[1].strip()
+    return None
+
+
+def open_job(cfg: RunConfig, opts: ScoreOptions, environ: Mapping[str, str] = os.environ) -> Job:
+    """Freeze the manifest, open (or check) OUT, pick this shard's parts and the pending ones."""
+    manifest = build_manifest(cfg.data, cfg.limit)
+    out, meta = open_output(cfg, opts, manifest)
+    i, n, source = resolve_shard(opts.shard, environ)
+    parts = shard_parts(out.num_parts, i, n)
+    done = out.done_records(parts)
+    pending = [p for p in parts if p not in done]
+    out.remove_stale(pending)
+    return Job(cfg, opts, manifest, meta, out, (i, n), source, parts, done, pending)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def topk_rows(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k best classes per row, best first, ties to the lower index (as engine.metrics.topk_indices).
+
+    Small k: k passes of argmax (argmax returns the first maximum, so ties go to the lower index);
+    -inf is lifted to the lowest finite value first so that a taken class (-inf) sorts below it.
+    Large k: argpartition, then an exact tie-break (topk_indices) for rows tied at the k-th value.
+    """
+    n, c = logits.shape
+    k = min(k, c)
+    if k <= 16:
+        work = np.maximum(logits, -np.finfo(logits.dtype).max)  # a copy; -inf only for taken classes
+        rows = np.arange(n)
+        idx = np.empty((n, k), np.int64)
+        for j in range(k):
+            best = work.argmax(axis=1)
+            idx[:, j] = best
+            work[rows, best] = -np.inf
+        return idx
+    if k == c:
+        return topk_indices(logits, k)
+    part = np.argpartition(logits, c - k, axis=1)[:, c - k:]
+    vals = np.take_along_axis(logits, part, axis=1)
+    idx = np.take_along_axis(part, np.lexsort((part, -vals), axis=-1), axis=1)
+    tied = (logits >= vals.min(axis=1, keepdims=True)).sum(axis=1) > k
+    if tied.any():
+        idx[tied] = topk_indices(logits[tied], k)
+    return idx
+
+
+def softmax_topk(logits: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int32 top-k classes, float32 softmax probabilities of those classes, bool row is finite).
+
+    A row with NaN or +inf (or only -inf) has no softmax: it is reported not finite and its
+    top-k is meaningless (computed on zeros, so nothing here fails on it).
+    """
+    x = np.asarray(logits, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        total = e.sum(axis=1, dtype=np.float64)
+    finite = np.isfinite(m[:, 0]) & np.isfinite(total)
+    if not finite.all():
+        x = x.copy()
+        x[~finite] = 0.0
+        e[~finite] = 1.0
+        total[~finite] = x.shape[1]
+    idx = topk_rows(x, k)
+    prob = np.take_along_axis(e, idx, axis=1) / total[:, None]
+    return idx.astype(np.int32), prob.astype(np.float32), finite
+
+
+class _PartBuffer:
+    __slots__ = ("part", "lo", "n", "idx", "prob", "errors", "have", "count")
+
+    def __init__(self, part: int, lo: int, hi: int, k: int):
+        self.part, self.lo, self.n = part, lo, hi - lo
+        self.idx = np.zeros((self.n, k), np.int32)
+        self.prob = np.zeros((self.n, k), np.float32)
+        self.errors: List[Optional[str]] = [None] * self.n
+        self.have = np.zeros(self.n, bool)
+        self.count = 0
+
+
+class PartRouter:
+    """The reducer: each finished batch's rows go to their parts; a full part goes to the writer."""
+
+    def __init__(self, manifest: Manifest, part_size: int, k: int, writer: PartWriter):
+        self.manifest, self.part_size, self.k, self.writer = manifest, part_size, k, writer
+        self.buffers: Dict[int, _PartBuffer] = {}
+        self.images = 0
+        self.failed = 0
+
+    def reduce(self, r: BatchResult) -> None:
+        if self.writer.error is not None:
+            raise self.writer.error  # stop scoring: nothing more can be committed
+        ids = np.asarray(r.indices, np.int64)
+        n = len(ids)
+        idx, prob, finite = softmax_topk(r.logits, self.k)
+        reasons: Dict[int, str] = {int(row): reason for row, reason in r.failures}
+        bad = ~np.asarray(r.ok, dtype=bool) | ~finite
+        if bad.any():
+            for row in np.nonzero(bad)[0].tolist():
+                if row not in reasons:
+                    reasons[row] = ("the model's output is not finite (NaN or inf)" if r.ok[row]
+                                    else "not decoded (no reason reported)")
+        parts = ids // self.part_size
+        if n and parts[0] == parts[-1]:
+            groups = [(int(parts[0]), slice(0, n))]  # the usual case: the whole batch in one part
+        else:
+            groups = [(int(p), np.nonzero(parts == p)[0]) for p in np.unique(parts)]
+        for p, rows in groups:
+            buf = self.buffers.get(p)
+            if buf is None:
+                lo, hi = self.manifest.part_range(p, self.part_size)
+                buf = self.buffers[p] = _PartBuffer(p, lo, hi, self.k)
+            at = ids[rows] - buf.lo
+            if buf.have[at].any():
+                raise RuntimeError(f"part {p}: ids {(ids[rows][buf.have[at]])[:5].tolist()} were reduced twice")
+            buf.have[at] = True
+            buf.idx[at] = idx[rows]
+            buf.prob[at] = prob[rows]
+            buf.count += len(at)
+            for row, reason in reasons.items():
+                if buf.lo <= ids[row] < buf.lo + buf.n:
+                    buf.errors[int(ids[row]) - buf.lo] = reason
+                    self.failed += 1
+            if buf.count == buf.n:
+                del self.buffers[p]
+                self.writer.submit(PartRows(p, buf.lo, self.manifest.paths[buf.lo:buf.lo + buf.n],
+                                            buf.idx, buf.prob, buf.errors))
+        self.images += n
+
+
+def contiguous_runs(parts: Sequence[int]) -> List[Tuple[int, int]]:
+    """[(first, last + 1)] of consecutive part numbers."""
+    runs: List[Tuple[int, int]] = []
+    for p in sorted(parts):
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+@dataclass
+class ScoreStats:
+    images: int = 0
+    failed: int = 0
+    parts_written: int = 0
+    wall_s: float = 0.0
+    writer_s: float = 0.0
+    records: List[Dict] = field(default_factory=list)
+    pipeline: PipelineStats = field(default_factory=PipelineStats)
+
+
+class PartScorer:
+    """This engine's local pipeline (ring, worker pool, backend) scoring whole parts into OUT.
+
+    `open()` once, `score(parts)` any number of times (a Ray actor scores part after part with
+    the same pool and model), `close()` once.
+    """
+
+    def __init__(self, cfg: RunConfig, manifest: Manifest, out: OutputDir, meta: Dict, topk: int, part_size: int):
+        from engine.backends import create_backend
+
+        self.manifest, self.out, self.meta = manifest, out, meta
+        self.k, self.part_size = min(topk, cfg.num_classes), part_size
+        self.backend = create_backend(cfg)
+        self.cfg = cfg.replace(backend=self.backend.name)
+        classes = imagenet_classes() if cfg.num_classes == 1000 else None
+        parquet_meta = {
+            "model": meta["model"], "weights_sha256": meta.get("weights_sha256") or "",
+            "preprocessing": meta["preprocessing"], "engine_version": __version__,
+            "manifest_sha256": meta["manifest_sha256"], "imagenet_engine": meta,
+        }
+        self.encoder = RowEncoder(out.fmt, classes, parquet_meta)
+        self.ring = None
+        self.pool = None
+        self.loop = None
+        self.task: Optional[asyncio.Task] = None
+        self.stop_signal: Optional[int] = None
+
+    def open(self) -> None:
+        from engine.pool import WorkerPool
+        from engine.ring import Ring
+        from engine.scheduler import new_event_loop
+
+        cfg = self.cfg
+        self.loop = new_event_loop()
+        self.backend.prepare(cfg.batch_size)
+        self.ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+        self.backend.register_host_memory(self.ring.buffer())
+        # the fault settings of run-eval (getattr: they arrive with the pool's fault-handling options)
+        extra = {"image_timeout": getattr(cfg, "image_timeout", 120.0)}
+        if getattr(cfg, "max_image_pixels", None) is not None:
+            extra["max_image_pixels"] = cfg.max_image_pixels
+        self.pool = WorkerPool(self.ring, self.manifest.dataset(), cfg.preprocess, cfg.workers, **extra)
+        self.loop.run_until_complete(self.pool.start())
+
+    def describe(self) -> Dict:
+        return self.backend.describe()
+
+    def score(self, parts: Sequence[int], progress: Optional[Callable[[int, float], None]] = None,
+              handle_signals: bool = False) -> ScoreStats:
+        """Score and commit these parts. Raises the writer's error (disk full) or the pool's."""
+        assert self.loop is not None, "open() first"
+        stats = ScoreStats()
+        self.task = self.loop.create_task(self._score(list(parts), stats, progress))
+        signals = None
+        if handle_signals:
+            from engine.evaluate import _Signals
+
+            signals = _Signals(self.loop, self.task, self.ring)
+        try:
+            self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            if signals is None or signals.signum is None:
+                raise
+            self.stop_signal = signals.signum
+        finally:
+            if signals is not None:
+                signals.remove()
+            self.task = None
+        return stats
+
+    async def _score(self, parts: List[int], stats: ScoreStats, progress) -> None:
+        from engine.scheduler import run_pipeline
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def on_error(e: BaseException) -> None:  # in the writer thread: stop the pipeline now
+            loop.call_soon_threadsafe(task.cancel)
+
+        writer = PartWriter(self.out, self.encoder, on_error, extra={"engine_version": __version__})
+        router = PartRouter(self.manifest, self.part_size, self.k, writer)
+        t0 = time.monotonic()
+        cfg, n = self.cfg, len(self.manifest)
+
+        def prog(done: int, elapsed: float) -> None:
+            if progress is not None:
+                progress(base + done, time.monotonic() - t0)
+
+        try:
+            base = 0
+            for first, end in contiguous_runs(parts):
+                lo = self.manifest.part_range(first, self.part_size)[0]
+                hi = min(n, end * self.part_size)
+                await run_pipeline(self.pool, self.ring, self.backend, hi, cfg.batch_size, cfg.inflight,
+                                   router.reduce, prog, start=lo, stats=stats.pipeline)
+                base += hi - lo
+        except asyncio.CancelledError:
+            if writer.error is not None:
+                raise writer.error
+            raise
+        finally:
+            # commit the parts already complete (also when stopping); drop the incomplete ones
+            try:
+                await asyncio.shield(loop.run_in_executor(None, writer.close))
+            except asyncio.CancelledError:
+                writer.close()
+            finally:
+                stats.images, stats.failed = router.images, router.failed
+                stats.records = list(writer.records)
+                stats.parts_written = len(writer.records)
+                stats.writer_s = writer.busy_s
+                stats.wall_s = time.monotonic() - t0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        self.backend.unregister_host_memory()
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self.backend.close()
+
+
+def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
+    """Score the job's pending parts in this process. Returns (stats, backend description, signal)."""
+    from engine.report import Progress
+
+    scorer = PartScorer(job.cfg, job.manifest, job.out, job.meta, job.opts.topk, job.opts.part_size)
+    try:
+        scorer.open()
+        progress = Progress(job.pending_images(), job.cfg.progress)
+        stats = scorer.score(job.pending, progress, handle_signals=True)
+        progress.close()
+        return stats, scorer.describe(), scorer.stop_signal
+    finally:
+        scorer.close()
+
+
+# -- the command --------------------------------------------------------------------------------
+def _span(parts: range) -> str:
+    if len(parts) == 0:
+        return "no parts"
+    return f"part {parts.start}" if len(parts) == 1 else f"parts {parts.start}-{parts.stop - 1}"
+
+
+def format_summary(s: Dict) -> str:
+    lines = [
+        f"{'STOPPED ' if s['stopped'] else ''}Bulk scoring: {s['model']} on {s['backend']}, top-{s['topk']}, "
+        f"{s['format']} -> {s['out']}",
+        f"  manifest      {s['manifest_images']:,} images in {s['parts_total']:,} parts of {s['part_size']:,}, "
+        f"sha256 {s['manifest_sha256'][:16]}",
+        f"  shard         {s['shard']} ({s['shard_source']}): {s['shard_parts']}; {s['parts_done_before']:,} were done, "
+        f"{s['parts_written']:,} written now, {s['parts_left']:,} left",
+        f"  images        {s['images']:,} scored this run, {s['failed']:,} failed (error rows); "
+        f"{s['shard_failed']:,} error rows in the shard's done parts",
+        f"  wall time     {s['wall_s']:.2f} s, {s['img_per_s']:,.1f} img/s (writer thread busy {s['writer_s']:.2f} s)",
+        f"  output        {s['parts_done_total']:,}/{s['parts_total']:,} parts done"
+        + (", _SUCCESS written" if s["success"] else ""),
+    ]
+    if s["stopped"]:
+        lines.append("  stopped early: finished parts are kept; run the same command again to resume")
+    return "\n".join(lines)
+
+
+def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str, str] = os.environ
+              ) -> Tuple[Dict, int]:
+    """Score `cfg.data` into `opts.out`; prints the summary; returns (summary, exit status)."""
+    out = out or sys.stdout
+    t0 = time.monotonic()
+    if opts.ray is None and cfg.backend == "auto":
+        from engine.backends import resolve_auto
+
+        cfg = cfg.replace(backend=resolve_auto())
+    job = open_job(cfg, opts, environ)
+    i, n = job.shard
+    if cfg.progress:
+        print(f"run-score: {len(job.manifest):,} images, {job.out.num_parts:,} parts; shard {i}/{n} "
+              f"({job.shard_source}): {_span(job.parts)}, {len(job.done_before):,} done, "
+              f"{len(job.pending):,} to score ({job.pending_images():,} images)", file=sys.stderr)
+    stopped = None
+    backend_info: Dict = {"backend": cfg.backend}
+    if not job.pending:
+        stats = ScoreStats()
+    elif opts.ray is not None:
+        from engine.ray_runner import score_ray
+
+        stats, backend_info, stopped = score_ray(job)
+    else:
+        stats, backend_info, stopped = score_local(job)
+    wall = time.monotonic() - t0
+    success = job.out.write_success({"manifest_sha256": job.manifest.sha256, "run": job.meta,
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    shard_records = job.out.done_records(job.parts)
+    summary = {
+        "out": job.out.path, "model": cfg.model, "backend": backend_info.get("backend", cfg.backend),
+        "backend_info": backend_info, "topk": job.meta["topk"], "format": opts.fmt,
+        "manifest_images": len(job.manifest), "manifest_sha256": job.manifest.sha256,
+        "part_size": opts.part_size, "parts_total": job.out.num_parts, "shard": f"{i}/{n}",
+        "shard_source": job.shard_source, "shard_parts": _span(job.parts),
+        "parts_done_before": len(job.done_before), "parts_written": stats.parts_written,
+        "parts_left": len(job.parts) - len(shard_records),
+        "images": stats.images, "failed": stats.failed,
+        "shard_failed": sum(r["failed"] for r in shard_records.values()),
+        "wall_s": wall, "img_per_s": stats.images / stats.wall_s if stats.wall_s > 0 else 0.0,
+        "score_wall_s": stats.wall_s, "writer_s": stats.writer_s,
+        "parts_done_total": len(job.out.done_records(range(job.out.num_parts))),
+        "success": success, "stopped": stopped is not None, "version": __version__,
+    }
+    print(format_summary(summary), file=out)
+    if stopped is not None:
+        return summary, 128 + stopped
+    if summary["parts_left"]:
+        return summary, EXIT_ERROR  # only when a part could not be scored without raising
+    return summary, EXIT_FAILED_IMAGES if summary["shard_failed"] else EXIT_OK
+
+
+def score_parser() -> argparse.ArgumentParser:
+    from engine.cli import add_model_args, add_pipeline_args, add_preprocess_args, positive_int
+
+    p = argparse.ArgumentParser(
+        prog="run-score",
+        description="Top-k predictions for every image of a folder or list into parquet/jsonl/csv parts: "
+                    "exactly once, resumable, sharded, optionally on a Ray cluster.")
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", metavar="DIR|LIST", required=True,
+                   help="a folder (searched recursively for images) or a text file with one path per line "
+                        "(relative to the file's folder)")
+    g.add_argument("--out", metavar="DIR", required=True,
+                   help="output folder: parts, their .done records, manifest.tsv, run.json, _SUCCESS")
+    g.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
+    g.add_argument("--format", choices=FORMATS, default="parquet", help="(default: %(default)s)")
+    g.add_argument("--part-size", type=positive_int, default=DEFAULT_PART_SIZE,
+                   help="images per output part (default: %(default)s)")
+    g.add_argument("--limit", type=positive_int, help="only the first N images of the manifest")
+    g.add_argument("--shard", metavar="I/N",
+                   help="score shard I of N (a contiguous range of parts); default: from "
+                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else RANK/WORLD_SIZE, else 0/1")
+    g.add_argument("--resume", dest="resume", action="store_true", default=True,
+                   help="skip the parts already done in --out (the default)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="refuse to run if --out already holds a run")
+    g.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    r = p.add_argument_group("ray")
+    r.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run on a Ray cluster: --ray (the cluster this machine belongs to), --ray ADDRESS, or "
+                        "--ray local (start a local one); needs `pip install .[ray]`")
+    r.add_argument("--ray-actors", type=positive_int, default=0,
+                   help="scoring actors (default: one per GPU/NPU of the cluster; on cpu/sim, one)")
+    add_model_args(p)
+    add_preprocess_args(p)
+    add_pipeline_args(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] = os.environ) -> int:
+    from engine.backends.base import BackendError
+    from engine.cli import config_from_args
+    from engine.config import ConfigError
+    from engine.dataset import DatasetError
+    from engine.manifest import ManifestError, ShardError
+    from engine.pool import PoolError
+    from engine.report import write_json
+    from engine.ring import RingError
+
+    p = score_parser()
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_args(a, data=a.data, limit=a.limit, labels=None, json_path=a.json)
+        opts = ScoreOptions(out=a.out, topk=a.topk, fmt=a.format, part_size=a.part_size, shard=a.shard,
+                            resume=a.resume, ray=a.ray, ray_actors=a.ray_actors)
+        summary, status = run_score(cfg, opts, environ=environ)
+        if a.json:
+            write_json(a.json, summary)
+        return status
+    except (ConfigError, DatasetError, ManifestError, MismatchError, ShardError) as e:
+        print(f"run-score: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DiskFullError as e:
+        print(f"run-score: error: {e}; nothing half-written is recorded as done and finished parts are kept: "
+              "make room (or use another --out) and run the same command again to resume", file=sys.stderr)
+        return EXIT_ERROR
+    except OutputError as e:
+        print(f"run-score: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (BackendError, PoolError, RingError) as e:
+        print(f"run-score: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:
+        print(f"run-score: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
