@@ -224,7 +224,8 @@ def cfg(**kw):
 
 def host_reference(pixels):
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     with torch.no_grad():
         return torch.jit.load(TS)(x).numpy()
 

@@ -142,10 +142,11 @@ class StreamBackend(Backend):
         h, w, c = self.spec.shape
         self._shape = (batch_size, h, w, c)
         self._staging, self._staging_made = queue.Queue(), 0
-        # warm up on the compute stream (cudnn.benchmark picks its algorithms here)
+        # warm up on the compute stream: cudnn.benchmark picks its algorithms, and a TorchScript
+        # model's profiling executor finishes optimising (compiling fused kernels) before any capture
         x = torch.zeros(self._shape, dtype=torch.uint8, device=self.device)
         with self.dm.stream(self.compute_stream):
-            for _ in range(2):
+            for _ in range(3):
                 self._forward(x)
         self.compute_stream.synchronize()
         self.graph = None
@@ -153,14 +154,15 @@ class StreamBackend(Backend):
             self._capture(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: TorchScript (--ts) models and fusers are safe under it
+        with torch.no_grad():
             return self.model(x)
 
     def _capture(self, x: torch.Tensor) -> None:
         self.static_x = x
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.inference_mode(), torch.cuda.graph(graph, stream=self.compute_stream):
+            with torch.no_grad(), torch.cuda.graph(graph, stream=self.compute_stream):
                 self.static_y = self.model(self.static_x).float()
         except Exception as e:
             raise BackendError(f"--cuda-graphs: capturing the model failed ({type(e).__name__}: {str(e)[:300]}); "
