@@ -108,7 +108,12 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
     }
     precision = a.precision
     if precision is None:
-        precision = "fp32" if a.backend in ("cpu", "sim") else "fp16"
+        backend = a.backend
+        if backend == "auto":  # the default precision follows the backend auto will pick
+            from engine.backends import resolve_auto
+
+            backend = resolve_auto(verbose=False)
+        precision = "fp32" if backend in ("cpu", "sim") else "fp16"
     fields = dict(
         data=getattr(a, "data", None), labels=getattr(a, "labels", None), limit=getattr(a, "limit", None),
         weights=a.weights, ts=a.ts, backend=a.backend, device=a.device, precision=precision, shape=a.shape,
