@@ -261,6 +261,9 @@ class AieBackend(Backend):
             if model is None:
                 how = "miss" if self.cache.enabled else "off"
                 ts = self._traced(dtype, batch_size)
+                print(f"aie: compiling ({self._what(batch_size)}, {dtype_name} input); "
+                      + (f"cached in {self.cache.path(key)}" if self.cache.enabled else "not cached (--no-cache)"),
+                      file=sys.stderr, flush=True)
                 try:
                     model = self._compile(ts, inp)
                 except Exception as e:
@@ -271,6 +274,8 @@ class AieBackend(Backend):
                         continue
                     raise BackendError(f"aie: torch_aie.compile failed ({self._what(batch_size)}): {reason}")
                 self.cache.store(key, lambda p: self._save(model, p), options)
+            else:
+                print(f"aie: compiled model from the cache: {self.cache.path(key)}", file=sys.stderr)
             if pending_refusal is not None:  # remembered only once another dtype compiled fine
                 self.cache.remember_refusal(*pending_refusal)
             self.model, self.input_dtype = model, dtype
