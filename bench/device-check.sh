@@ -94,7 +94,26 @@ if "$PY" -c "import matplotlib" 2>/dev/null; then plot=(--plot "$OUT/bench.png")
     --batch-sizes "$BATCH_SIZES" --warmup "$WARMUP" --iterations "$ITERATIONS" --json "$OUT/bench.json" \
     ${plot[@]+"${plot[@]}"} $EXTRA | tee "$OUT/bench.txt"
 
-best=$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(max(r, key=lambda x: x['img_per_s'])['batch_size'])" "$OUT/bench.json")
+# the best compute-only batch size whose ring (in-flight batches + 2 slots of uint8 images) fits in /dev/shm
+best=$("$PY" - "$OUT/bench.json" <<'EOF'
+import json, shutil, sys
+bench = json.load(open(sys.argv[1]))
+crop = bench["config"]["preprocess"]["crop"]
+slots = bench["config"]["inflight"] + 2
+try:
+    free = shutil.disk_usage("/dev/shm").free
+except OSError:
+    free = None
+rows = sorted(bench["results"], key=lambda r: -r["img_per_s"])
+fits = [r for r in rows if free is None or slots * r["batch_size"] * crop * crop * 3 * 1.2 < free]
+if not fits:
+    sys.exit("device-check: /dev/shm has %d MB free, too little for any batch size" % (free >> 20))
+if fits[0] is not rows[0]:
+    print("device-check: batch %d is fastest but its ring does not fit in /dev/shm (%d MB free); using batch %d"
+          % (rows[0]["batch_size"], free >> 20, fits[0]["batch_size"]), file=sys.stderr)
+print(fits[0]["batch_size"])
+EOF
+)
 
 step "run-eval: $DATA, $WORKERS workers, batch $best (the best compute-only batch size)"
 status=0
