@@ -28,10 +28,14 @@ Every slot is owned by exactly one party at a time, and only the parent moves it
   never unlink. If the parent is killed outright, workers see EOF on their pipe (and get SIGKILL
   through PR_SET_PDEATHSIG on Linux); the block is unlinked by Python's resource tracker, and
   failing that, by `cleanup_stale()` at the next start: names carry the owner's pid.
+- Space: `check_space` refuses a ring bigger than the free space of /dev/shm, and the block's
+  pages are allocated at creation (`_reserve`), so a mount that fills up later cannot SIGBUS the
+  run half-way.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -107,18 +111,49 @@ def _alive(pid: int) -> bool:
 
 def check_space(nbytes: int, slots: int, batch: int, shm_dir: str = SHM_DIR) -> None:
     """Refuse to start when the ring does not fit in the shared-memory mount."""
+    free = _free_bytes(shm_dir)
+    if free is None:
+        return  # no /dev/shm (not Linux): nothing to check against
+    if nbytes > free:
+        raise RingError(_space_message(nbytes, slots, batch, free, shm_dir))
+
+
+def _reserve(name: str, nbytes: int, slots: int, batch: int, shm_dir: str = SHM_DIR) -> None:
+    """Allocate the block's pages now. A tmpfs file is sparse: without this, a /dev/shm that fills
+    up later (other programs, other runs) would kill whoever first touches a missing page with
+    SIGBUS, in the middle of the run. With it, the run either has all its memory or does not start."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    path = os.path.join(shm_dir, name)
+    if fallocate is None or not os.path.exists(path):
+        return  # not Linux: nothing to reserve through
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            free = _free_bytes(shm_dir)
+            raise RingError(_space_message(nbytes, slots, batch, free, shm_dir)) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _free_bytes(shm_dir: str) -> Optional[int]:
     try:
         st = os.statvfs(shm_dir)
     except OSError:
-        return  # no /dev/shm (not Linux): nothing to check against
-    free = st.f_bavail * st.f_frsize
-    if nbytes > free:
-        mib = 1 << 20
-        raise RingError(
-            f"the ring needs {nbytes / mib:.0f} MiB of shared memory ({slots} slots x batch {batch}) "
-            f"but {shm_dir} has {free / mib:.0f} MiB free: lower --batch-size or --ring-slots, "
-            f"or enlarge the mount (docker run --shm-size=..., or mount -o remount,size=... {shm_dir})"
-        )
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _space_message(nbytes: int, slots: int, batch: int, free: Optional[int], shm_dir: str) -> str:
+    mib = 1 << 20
+    has = f"{free / mib:.0f} MiB free" if free is not None else "not enough free"
+    return (f"the ring needs {nbytes / mib:.0f} MiB of shared memory ({slots} slots x batch {batch} x "
+            f"{nbytes // max(1, slots * batch) // 1024} KiB per image) but {shm_dir} has {has}: lower --batch-size "
+            f"or --ring-slots, or enlarge the mount (docker run --shm-size=..., or "
+            f"mount -o remount,size=... {shm_dir})")
 
 
 class Ring:
@@ -130,6 +165,7 @@ class Ring:
         self.slots, self.batch, self.shape = slots, batch, tuple(shape)
         self._owner = create
         self._shm = None
+        self._buf = None
         if create:
             cleanup_stale()
             check_space(lay.size, slots, batch)
@@ -138,6 +174,11 @@ class Ring:
             name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=lay.size)
             self.name = self._shm.name.lstrip("/")
+            try:
+                _reserve(self.name, lay.size, slots, batch)
+            except RingError:
+                self.close()
+                raise
             self._buf = self._shm.buf
         else:
             assert name is not None, "attach needs the ring's name"
