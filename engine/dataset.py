@@ -10,6 +10,17 @@ Layouts:
 
 The order is fixed: by file name, then by relative path, so `--limit N` takes the first N
 validation images (`ILSVRC2012_val_00000001` onward), which span all classes.
+
+Odd entries, as torchvision's ImageFolder, except where it would crash or loop:
+- a broken symlink with an image name is listed (torchvision lists it too, then crashes on it);
+  the worker fails it with the reason "broken symlink".
+- a directory with an image name (`x.JPEG/`) is listed as an image, so the run fails it with
+  the reason "is a directory" instead of silently dropping it (torchvision drops it); its
+  contents are still walked, as torchvision does. So the count can exceed torchvision's by the
+  number of such directories, and the exit status says that images failed.
+- symlinked folders are followed (followlinks, as torchvision), but a link to a folder above it
+  (a loop, which torchvision follows until the kernel says ELOOP, listing the same images dozens of
+  times) is not, and each real folder is entered once per class.
 """
 
 from __future__ import annotations
@@ -87,12 +98,40 @@ def _image_folder(root: str, class_dirs: Sequence[str], limit: Optional[int]) ->
     pairs: List[Tuple[str, int]] = []
     for d in class_dirs:
         base = os.path.join(root, d)
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-            dirnames.sort()
-            for name in filenames:
-                if _is_image_name(name):
-                    pairs.append((os.path.relpath(os.path.join(dirpath, name), root), index_of[d]))
+        for dirpath, names_ in _walk_images(base):
+            for name in names_:
+                pairs.append((os.path.relpath(os.path.join(dirpath, name), root), index_of[d]))
     return _finish(root, pairs, names, "folder", limit)
+
+
+def _link_to_ancestor(path: str, here: str) -> bool:
+    """A symlinked folder that points at the folder holding it or above: a loop."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _walk_images(base: str):
+    """(dirpath, [image names]) under `base`: files and directories with an image extension
+    (a directory is failed by the worker, see the module docstring). Symlinks are followed, but
+    each real directory is entered once."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = None
+        if key is not None and key in seen:
+            dirnames[:] = []  # a symlink loop, or a second link to a folder already listed
+            continue
+        seen.add(key)
+        here = os.path.realpath(dirpath)
+        dirnames[:] = [n for n in dirnames if not _link_to_ancestor(os.path.join(dirpath, n), here)]
+        dirnames.sort()
+        images = [n for n in filenames if _is_image_name(n)] + [n for n in dirnames if _is_image_name(n)]
+        yield dirpath, images
 
 
 def read_label_file(path: str) -> List[Tuple[str, int]]:
@@ -133,9 +172,10 @@ def _few(items: Sequence[str], n: int = 5) -> str:
 def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_classes: int) -> Dataset:
     entries = read_label_file(label_file)
     label_path = os.path.abspath(label_file)
+    # a directory with an image name stays, so that a label line naming it is a failed image
     files = sorted(
         n for n in os.listdir(root)
-        if os.path.join(root, n) != label_path and not os.path.isdir(os.path.join(root, n))
+        if os.path.join(root, n) != label_path and (_is_image_name(n) or not os.path.isdir(os.path.join(root, n)))
     )
     by_name = {n: n for n in files}
     by_stem = {}
@@ -163,7 +203,7 @@ def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_clas
         raise DatasetError(
             f"--labels {label_file} names {len(missing)} file(s) that are not in {root}: {_few(missing)}"
         )
-    unlabelled = [n for n in files if _is_image_name(n) and n not in seen]
+    unlabelled = [n for n in files if _is_image_name(n) and n not in seen and not os.path.isdir(os.path.join(root, n))]
     if unlabelled:
         raise DatasetError(
             f"{root}: {len(unlabelled)} image(s) have no line in --labels {label_file}: {_few(unlabelled)}"
@@ -209,9 +249,8 @@ def build_unlabelled(data: str, limit: Optional[int] = None) -> Dataset:
         raise DatasetError(f"--data {data}: no such file or folder")
     rels: List[str] = []
     if os.path.isdir(root):
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()
-            rels.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in filenames if _is_image_name(n))
+        for dirpath, images in _walk_images(root):
+            rels.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in images)
         base = root
     else:
         base = os.path.dirname(root)
