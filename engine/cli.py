@@ -89,6 +89,13 @@ def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64) -> No
     g.add_argument("--compute-only-iters", type=positive_int, default=0,
                    help="model calls timed for the compute-only figure (default: about 2 s worth)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    g.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
+                   help="fail images with more pixels than this as decompression bombs; raise it to score "
+                        "huge images (a worker decoding one needs about 5 bytes per pixel: 1.3 GB for "
+                        "16000x16000) (default: Pillow's limit, 178956970)")
+    g.add_argument("--image-timeout", type=non_negative_float, default=120.0, metavar="S",
+                   help="a worker stuck this long on one image is killed and the image retried once, then "
+                        "failed (default: %(default)s)")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +128,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         use_cache=not a.no_cache, batch_size=a.batch_size, workers=a.workers, ring_slots=a.ring_slots,
         inflight=a.inflight, threads=a.threads, compute_only_iters=a.compute_only_iters,
         cuda_graphs=a.cuda_graphs,
+        max_image_pixels=getattr(a, "max_image_pixels", None), image_timeout=getattr(a, "image_timeout", 120.0),
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
     )
     fields.update(extra)
@@ -141,6 +149,15 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _never_fail_on_file_names(stream) -> None:
+    """A file name that is not valid UTF-8 (os.listdir gives it surrogate escapes) must not crash
+    the report when it is printed: escape what the stream cannot encode (stderr does so already)."""
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass  # not a text stream we can reconfigure (tests may pass a StringIO)
+
+
 def run_eval_main(argv: Optional[List[str]] = None) -> int:
     from engine.backends.base import BackendError
     from engine.dataset import DatasetError
@@ -152,6 +169,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if not a.data:
         p.error("--data is required")
+    _never_fail_on_file_names(sys.stdout)
     try:
         cfg = config_from_args(a, json_path=a.json)
         _, status = run_eval(cfg)

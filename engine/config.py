@@ -116,6 +116,8 @@ class RunConfig:
     compute_only_iters: int = 0  # 0: chosen from the backend's speed
     threads: int = 0  # torch intra-op threads for the cpu backend; 0: cores left by workers
     cuda_graphs: bool = False  # cuda: replay the model as a CUDA graph (static shapes, padded batches)
+    max_image_pixels: Optional[int] = None  # decompression-bomb limit; None: Pillow's (178,956,970)
+    image_timeout: float = 120.0  # seconds on one image before its worker is killed (and the image retried)
     json_path: Optional[str] = None
     progress: bool = True
 
@@ -140,6 +142,10 @@ class RunConfig:
             raise ConfigError(f"in-flight batches must be at least 1 (got {self.inflight})")
         if self.ring_slots and self.ring_slots < 2:
             raise ConfigError(f"--ring-slots must be at least 2 (got {self.ring_slots})")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"--max-image-pixels must be at least 1 (got {self.max_image_pixels})")
+        if self.image_timeout <= 0:
+            raise ConfigError(f"--image-timeout must be positive (got {self.image_timeout})")
         if self.weights is not None and self.ts is not None:
             raise ConfigError("give either --weights (a state dict) or --ts (TorchScript), not both")
 

@@ -48,27 +48,57 @@ def measure_compute_only(backend: Backend, batch_size: int, iterations: int = 0,
     return probe + backend.compute_only(batch_size, n - 1, warmup=0)
 
 
-class _Signals:
-    """First SIGINT/SIGTERM: cancel the run (partial report). Second: exit at once."""
+def _force_exit(signum: int, ring: Optional[Ring]) -> None:
+    """A second SIGINT/SIGTERM: unlink the shared memory and leave now. Workers die with us
+    (PR_SET_PDEATHSIG, and EOF on their sockets); no report is written."""
+    if ring is not None:
+        ring.close()
+    print(f"\n{signal.Signals(signum).name} again: exiting at once, no report", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task, ring: Optional[Ring]):
-        self.loop, self.task, self.ring = loop, task, ring
+
+class _Signals:
+    """While the event loop runs. First SIGINT/SIGTERM: `on_stop()`, then cancel the run (partial
+    report). Second: exit at once. `remove()` puts back the handlers that were there before.
+
+    The first signal arrives through the loop. The second must not: while stopping, the loop
+    thread may block (joining a device thread that finishes its batch), and a loop callback would
+    wait for it. So the first one swaps in a plain `signal.signal` handler, which Python runs in
+    the main thread even inside a blocking join.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task, ring: Optional[Ring],
+                 on_stop=None):
+        self.loop, self.task, self.ring, self.on_stop = loop, task, ring, on_stop
         self.signum: Optional[int] = None
-        for s in (signal.SIGINT, signal.SIGTERM):
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._previous:
             loop.add_signal_handler(s, self._on_signal, s)
 
     def _on_signal(self, signum: int) -> None:
         if self.signum is not None:
-            if self.ring is not None:
-                self.ring.close()  # unlink the shared memory even on a forced exit
-            os._exit(128 + signum)
+            _force_exit(signum, self.ring)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping (again to force)", file=sys.stderr)
+        for s in self._previous:
+            self.loop.remove_signal_handler(s)
+            signal.signal(s, self._force)
+        if self.on_stop is not None:
+            self.on_stop()
         self.task.cancel()
 
+    def _force(self, signum: int, frame) -> None:
+        _force_exit(signum, self.ring)
+
     def remove(self) -> None:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        """Back to the handlers from before; once stopping, the forcing handler stays to the end."""
+        for s, previous in self._previous.items():
             self.loop.remove_signal_handler(s)
+            if self.signum is not None:
+                signal.signal(s, self._force)
+            elif previous is not None:
+                signal.signal(s, previous)
 
 
 def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Dict, stats: PipelineStats,
@@ -123,7 +153,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
 
 async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, metrics: Metrics, state: Dict):
     loop = asyncio.get_running_loop()
-    pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers)
+    pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers, image_timeout=cfg.image_timeout,
+                      max_image_pixels=cfg.max_image_pixels)
     state["pool"] = pool
     try:
         await pool.start()
@@ -151,20 +182,21 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     """Run the evaluation; prints the table, writes `--json`; returns (report, exit status)."""
     out = out or sys.stdout
     ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
-    backend = create_backend(cfg)
-    cfg = cfg.replace(backend=backend.name)
     metrics = Metrics(cfg.num_classes)
     state: Dict = {"stats": None, "compute": None, "pool": None}
     ring = None
+    backend = None
     loop = new_event_loop()
     stopped: Optional[int] = None
     t0 = time.monotonic()
     try:
+        backend = create_backend(cfg)
+        cfg = cfg.replace(backend=backend.name)
         backend.prepare(cfg.batch_size)
         ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
-        signals = _Signals(loop, task, ring)
+        signals = _Signals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
         try:
             loop.run_until_complete(task)
         except asyncio.CancelledError:
@@ -173,14 +205,23 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
             stopped = signals.signum
         finally:
             signals.remove()
+    except KeyboardInterrupt:
+        # Ctrl-C before the event loop ran (loading the model): Python raises it once the native
+        # call in progress returns. SIGTERM then keeps its default action: the process ends at
+        # once, with nothing to clean up yet (no workers; a ring is unlinked by the resource tracker).
+        stopped = signal.SIGINT
+        print("\nSIGINT: stopped before the run started", file=sys.stderr)
     finally:
         loop.close()
-        backend.unregister_host_memory()
+        if backend is not None:
+            backend.unregister_host_memory()
         if ring is not None:
             ring.close()
-        backend.close()
+        if backend is not None:
+            backend.close()
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
-    report = build_report(cfg, ds, metrics, backend.describe(), stats, state["compute"], state["pool"],
+    backend_info = backend.describe() if backend is not None else {"backend": cfg.backend}
+    report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None)
     print(format_eval(report), file=out)
     if cfg.json_path:

@@ -9,6 +9,11 @@ Dead workers (see NOTE [Slot ownership and shutdown] in engine/ring.py): the row
 unanswered chunks that are not OK are sent again to a replacement. The row it was decoding
 (status BUSY) is charged one death; an image charged two deaths is failed, not retried forever.
 A watchdog kills a worker stuck on one image for longer than `image_timeout` the same way.
+Deaths are seen at once (EOF on the socket, not a poll), so the latency is the event loop's.
+The pool gives up only when workers keep dying without finishing any chunk
+(`max_consecutive_deaths` deaths with no image finished in between by any worker: a broken
+decoder library or no memory, not a few bad files); its `PoolError` then
+names the last worker, the image it was decoding and how it died.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class _Worker:
         self.alive = True
         self.images = 0
         self.busy_s = 0.0
+        self.timed_out: Optional[float] = None  # seconds on one image when the watchdog killed it
 
 
 def _describe_exit(rc: Optional[int]) -> str:
@@ -110,17 +116,26 @@ class WorkerPool:
 
     def __init__(self, ring: Ring, dataset: Dataset, spec: PreprocessSpec, workers: int,
                  prefetch: int = 2, image_timeout: float = 120.0, chunk: int = 0,
-                 max_idle_deaths: int = 50):
+                 max_idle_deaths: int = 50, max_consecutive_deaths: int = 20,
+                 max_image_pixels: Optional[int] = None, max_spans: int = 20000):
         self.ring, self.dataset, self.spec = ring, dataset, spec
         self.size = workers
         self.prefetch = prefetch
         self.image_timeout = image_timeout
         self.chunk = chunk or max(1, min(16, math.ceil(ring.batch / workers)))
         self.max_idle_deaths = max_idle_deaths
+        self.max_consecutive_deaths = max_consecutive_deaths
+        self.max_image_pixels = max_image_pixels
         self.workers: Dict[int, _Worker] = {}
         self.queue: Deque[_Job] = collections.deque()
+        # the first `max_spans` chunks, for traces; per-worker totals are kept apart (`_totals`),
+        # so a 10-million-image run does not grow the parent's memory
         self.spans: List[JobSpan] = []
+        self.max_spans = max_spans
+        self._totals: Dict[int, List[float]] = {}  # worker -> [images, busy seconds]
         self.deaths: List[Tuple[int, str, Optional[str]]] = []  # (worker, how, path being decoded)
+        self.death_times: List[float] = []  # time.monotonic() when each death was handled
+        self._consecutive_deaths = 0
         self._kills: Dict[int, int] = collections.Counter()  # dataset index -> deaths while decoding it
         self._next_wid = 0
         self._next_job = 0
@@ -165,6 +180,8 @@ class WorkerPool:
             "--resize", str(spec.resize), "--interpolation", spec.interpolation,
             "--decode", spec.decode, "--parent", str(os.getpid()),
         ]
+        if self.max_image_pixels:
+            cmd += ["--max-image-pixels", str(self.max_image_pixels)]
         env = dict(os.environ)
         root = _package_root()
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -239,7 +256,12 @@ class WorkerPool:
             f.failures.extend(failures)
             w.images += len(job.rows)
             w.busy_s += t1 - t0
-            self.spans.append(JobSpan(w.wid, f.slot, f.batch_no, len(job.rows), t0, t1))
+            total = self._totals.setdefault(w.wid, [0, 0.0])
+            total[0] += len(job.rows)
+            total[1] += t1 - t0
+            if len(self.spans) < self.max_spans:
+                self.spans.append(JobSpan(w.wid, f.slot, f.batch_no, len(job.rows), t0, t1))
+            self._consecutive_deaths = 0  # images were finished (decoded or failed): workers make progress
             self._job_finished(f, job_id)
             self._pump()
         elif kind == "error":
@@ -272,11 +294,15 @@ class WorkerPool:
         if self._closing:
             return
         how = _describe_exit(rc)
+        if w.timed_out is not None:
+            how = f"was stuck for over {self.image_timeout:g} s on one image (--image-timeout) and was killed"
         if not w.ready:
             self._fail(PoolError(
                 f"worker {w.wid} (pid {w.proc.pid}) {how} before it started; its error output is above"))
             return
         culprit = None
+        progressed = any(self.ring.status[job.fill.slot, row] in (OK, FAILED)
+                         for job in w.jobs.values() for row, _ in job.rows)
         for job in w.jobs.values():
             f = job.fill
             status = self.ring.status[f.slot]
@@ -302,7 +328,16 @@ class WorkerPool:
                 self.queue.appendleft(again)
             self._job_finished(f, job.id)
         self.deaths.append((w.wid, how, culprit))
+        self.death_times.append(time.monotonic())
         where = f" while decoding {culprit}" if culprit else ""
+        self._consecutive_deaths = 1 if progressed else self._consecutive_deaths + 1
+        if self._consecutive_deaths >= self.max_consecutive_deaths:
+            self._fail(PoolError(
+                f"workers keep dying: {self._consecutive_deaths} deaths in a row with no image finished in between;"
+                f" last: worker "
+                f"{w.wid} (pid {w.proc.pid}) {how}{where}. A broken decoder library, or out of memory "
+                f"(dmesg shows the OOM killer); try --workers 1 on that image"))
+            return
         print(f"warning: worker {w.wid} (pid {w.proc.pid}) {how}{where}; "
               f"started a new worker, its unfinished images are decoded again", file=sys.stderr)
         if culprit is None:
@@ -325,8 +360,9 @@ class WorkerPool:
                 slot = job.fill.slot
                 for row, path in job.rows:
                     if self.ring.status[slot, row] == BUSY and now - self.ring.started[slot, row] > self.image_timeout:
-                        print(f"warning: worker {w.wid} spent over {self.image_timeout:.0f} s on {path}; killing it",
+                        print(f"warning: worker {w.wid} spent over {self.image_timeout:g} s on {path}; killing it",
                               file=sys.stderr)
+                        w.timed_out = now - self.ring.started[slot, row]
                         w.proc.kill()
                         break
         if not self._closing:
@@ -338,6 +374,7 @@ class WorkerPool:
         for f in list(self._fills.values()):
             if not f.future.done():
                 f.future.set_exception(error)
+                f.future.exception()  # the run raises the error once; unawaited fills must not log it again
         for waiter in self._ready_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -348,12 +385,11 @@ class WorkerPool:
 
     # -- stats and shutdown ------------------------------------------------------------------
     def worker_stats(self) -> List[Dict]:
-        per: Dict[int, Dict] = {}
-        for s in self.spans:
-            d = per.setdefault(s.worker, {"worker": s.worker, "images": 0, "busy_s": 0.0})
-            d["images"] += s.images
-            d["busy_s"] += s.end - s.start
-        return [per[k] for k in sorted(per)]
+        return [{"worker": k, "images": int(v[0]), "busy_s": v[1]} for k, v in sorted(self._totals.items())]
+
+    def stopping(self) -> None:
+        """A stop was asked for (a signal): from now on a worker that dies is not replaced."""
+        self._closing = True
 
     def close(self, timeout: float = 3.0) -> None:
         """End every worker: ask politely (EOF), then kill. Safe to call twice."""

@@ -10,34 +10,105 @@ is single-threaded, imports no torch, and talks to the parent over one socket (t
 
 Pixels, per-image status and decode times go into the shared ring, never through the socket.
 See NOTE [Slot ownership and shutdown] in engine/ring.py for who may write what and when.
+
+Bad files are failed images (status FAILED and a reason), never an exception: anything that is
+not a regular file (a directory, a FIFO, a device, a broken symlink) is refused before it is
+read, so a FIFO cannot block the worker and a link to /dev/zero cannot fill its memory.
+
+Test-only fault injection (see tests/test_faults.py): `IMAGENET_ENGINE_FAULT` is read once at
+start; unset, it costs one falsy test per image. It holds comma-separated `ACTION:SUBSTRING`
+items; the action runs when the path of the image about to be decoded contains SUBSTRING:
+
+    segfault   crash in native code (a NULL read through ctypes: a real SIGSEGV)
+    kill       SIGKILL itself
+    exit       os._exit(7)
+    sleep      sleep an hour (a hung decoder; the parent's watchdog must kill it)
+    raise      raise RuntimeError (a bug in the worker: the parent stops with its traceback)
+
+`ACTION-once:SUBSTRING` fires only the first time any worker meets that image; it needs
+`IMAGENET_ENGINE_FAULT_DIR`, a folder where the workers leave one marker file per image hit.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
+import stat
 import sys
 import time
 import traceback
+import warnings
 from multiprocessing.connection import Connection
+from typing import List, Optional, Tuple
 
 from engine.ring import BUSY, FAILED, OK, Ring
 from preprocess.decode import DecodeError, preprocess_into
 
+FAULT_ENV = "IMAGENET_ENGINE_FAULT"
+FAULT_DIR_ENV = "IMAGENET_ENGINE_FAULT_DIR"
+FAULT_ACTIONS = ("segfault", "kill", "exit", "sleep", "raise")
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
-def _os_reason(e: OSError) -> str:
+Fault = Tuple[str, bool, str]  # (action, once, substring)
+
+
+def _os_reason(e: OSError, path: str) -> str:
     if isinstance(e, IsADirectoryError):
         return "is a directory, not an image file"
     if isinstance(e, FileNotFoundError):
-        return "file not found (deleted, or a broken symlink)"
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"broken symlink (points to {target}, which does not exist)"
+        return "file not found (deleted after the index was built?)"
     if isinstance(e, PermissionError):
         return "cannot read: permission denied"
     return f"cannot read: {e.strerror or e}"
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image file"
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"not a regular file ({name})"
+    return "not a regular file"
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a regular file. Raises DecodeError for anything else, OSError if unreadable.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on regular files.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError(_kind(st.st_mode))
+        chunks = []
+        left = st.st_size
+        while True:
+            chunk = os.read(fd, max(left, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies (the EOF check covers the rest)."""
+    """Ask Linux to SIGKILL this worker when its parent dies (the EOF check covers the rest).
+
+    The kernel sends it when the *thread* that forked us exits: the pool spawns workers from the
+    event-loop thread, which lives as long as the run.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -49,7 +120,55 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: str):
+def parse_faults(text: Optional[str]) -> List[Fault]:
+    """`ACTION[-once]:SUBSTRING,...` -> [(action, once, substring)]; see the module docstring."""
+    faults: List[Fault] = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        action, sep, sub = item.strip().partition(":")
+        once = action.endswith("-once")
+        action = action[:-len("-once")] if once else action
+        if not sep or not sub or action not in FAULT_ACTIONS:
+            raise ValueError(f"{FAULT_ENV}: bad item {item!r}; expected ACTION[-once]:SUBSTRING with ACTION one of "
+                             f"{', '.join(FAULT_ACTIONS)}")
+        if once and not os.environ.get(FAULT_DIR_ENV):
+            raise ValueError(f"{FAULT_ENV}: {item!r} needs {FAULT_DIR_ENV} (a folder for the once-markers)")
+        faults.append((action, once, sub))
+    return faults
+
+
+def _inject(faults: List[Fault], path: str) -> None:
+    """Test-only: misbehave as `IMAGENET_ENGINE_FAULT` says when `path` matches."""
+    for action, once, sub in faults:
+        if sub not in path:
+            continue
+        if once:
+            marker = os.path.join(os.environ[FAULT_DIR_ENV],
+                                  f"{action}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()}")
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue  # already fired for this image
+            os.write(fd, f"{os.getpid()} {time.monotonic()!r}\n".encode())  # for the tests: who, when
+            os.close(fd)
+        sys.stderr.flush()
+        if action == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)  # a NULL read in native code
+        elif action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "exit":
+            os._exit(7)
+        elif action == "sleep":
+            time.sleep(3600)
+        elif action == "raise":
+            raise RuntimeError(f"injected fault on {path}")
+
+
+def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: str,
+            max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None):
     """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, path, traceback))."""
     pixels, status, decode_ns = ring.pixels(slot), ring.status[slot], ring.decode_ns[slot]
     started = ring.started[slot]
@@ -59,15 +178,22 @@ def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: 
         status[row] = BUSY  # so the parent can tell which image a dead worker was decoding
         t = time.perf_counter_ns()
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            preprocess_into(data, pixels[row], resize, interpolation, mode)
+            if faults:
+                _inject(faults, path)
+            data = read_file(path)
+            preprocess_into(data, pixels[row], resize, interpolation, mode, max_pixels=max_pixels)
         except DecodeError as e:
             status[row] = FAILED
-            failures.append((row, str(e)))
+            reason = str(e)
+            if reason.startswith("decompression bomb"):
+                reason += " (raise the limit with --max-image-pixels)"
+            failures.append((row, reason))
         except OSError as e:
             status[row] = FAILED
-            failures.append((row, _os_reason(e)))
+            failures.append((row, _os_reason(e, path)))
+        except MemoryError:
+            status[row] = FAILED
+            failures.append((row, "out of memory while decoding (lower --workers, or --max-image-pixels)"))
         except Exception:
             status[row] = FAILED
             return failures, (row, path, traceback.format_exc())
@@ -75,6 +201,20 @@ def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: 
             status[row] = OK
         decode_ns[row] = time.perf_counter_ns() - t
     return failures, None
+
+
+def pixel_limit(max_image_pixels: int) -> int:
+    """The decompression-bomb limit: the flag, else Pillow's own error threshold (the reference's).
+
+    Pillow refuses images over `2 * Image.MAX_IMAGE_PIXELS` (178,956,970 by default) and only warns
+    between that and `MAX_IMAGE_PIXELS`; the worker turns Pillow's check off and applies this one
+    limit itself (`preprocess_into(max_pixels=...)`), so the flag can raise it as well as lower it.
+    """
+    from PIL import Image
+
+    if max_image_pixels:
+        return max_image_pixels
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2 * 89478485
 
 
 def main(argv=None) -> int:
@@ -88,12 +228,31 @@ def main(argv=None) -> int:
     p.add_argument("--interpolation", required=True)
     p.add_argument("--decode", required=True)
     p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--max-image-pixels", type=int, default=0, help="0: Pillow's limit")
     a = p.parse_args(argv)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent()
+    try:
+        import resource
+
+        # No core file when a decoder crashes: the image is retried once and then failed with its
+        # path, which is the reproducer. A core per crash of a big worker could fill the disk and
+        # delay the parent's noticing (the process ends only once its core is written).
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
     if os.getppid() != a.parent:
         return 0  # the parent died before we armed PR_SET_PDEATHSIG
+    faults = parse_faults(os.environ.get(FAULT_ENV))
+    from PIL import Image
+
+    max_pixels = pixel_limit(a.max_image_pixels)
+    Image.MAX_IMAGE_PIXELS = None  # this process's own copy of Pillow: our limit replaces Pillow's
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # Pillow's warnings about damaged metadata (EXIF, TIFF tags) of files that still decode: one
+    # line each on stderr per worker, for nothing the report needs
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     conn = Connection(a.fd)
     ring = Ring.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3))
     try:
@@ -107,7 +266,7 @@ def main(argv=None) -> int:
                 return 0
             job_id, slot, rows = msg
             t0 = time.monotonic()
-            failures, error = run_job(ring, slot, rows, a.resize, a.interpolation, a.decode)
+            failures, error = run_job(ring, slot, rows, a.resize, a.interpolation, a.decode, max_pixels, faults)
             if error is not None:
                 conn.send(("error", job_id) + error)
                 return 1
