@@ -218,9 +218,11 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         if ring is not None:
             ring.close()
         if backend is not None:
+            backend_info = backend.describe()  # before close(): it says what ran (graphs, host memory)
             backend.close()
+        else:
+            backend_info = {"backend": cfg.backend}
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
-    backend_info = backend.describe() if backend is not None else {"backend": cfg.backend}
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None)
     print(format_eval(report), file=out)
