@@ -17,7 +17,8 @@ def _fmt_rate(x: Optional[float]) -> str:
 class Progress:
     """Live images and img/s on stderr: a rewritten line on a terminal, a line every few s otherwise."""
 
-    def __init__(self, total: int, enabled: bool = True, stream: TextIO = sys.stderr, label: str = "scored"):
+    def __init__(self, total: int, enabled: bool = True, stream: Optional[TextIO] = None, label: str = "scored"):
+        stream = stream if stream is not None else sys.stderr  # looked up now: tests swap sys.stderr
         self.total, self.enabled, self.stream, self.label = total, enabled, stream, label
         self.tty = stream.isatty()
         self._last = 0.0
