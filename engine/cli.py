@@ -180,3 +180,9 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     except (BackendError, PoolError, RingError) as e:
         print(f"run-eval: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as e:  # writing the report on a full or read-only disk: a one-line error, status 3
+        import errno
+
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        print(f"run-eval: error: cannot write {e.filename or 'the report'}: {why}", file=sys.stderr)
+        return EXIT_ERROR

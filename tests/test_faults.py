@@ -400,3 +400,29 @@ def test_ring_pages_are_reserved_so_a_full_mount_fails_at_start_not_mid_run(monk
         assert st.st_blocks * 512 >= r.nbytes  # every page allocated up front
     finally:
         r.close()
+
+
+def test_full_disk_for_the_report_is_a_one_line_error_with_status_3(folder_set, tmp_path):
+    """The report cannot be written (a 64 KiB tmpfs, full): exit 3, 'the disk is full', no
+    traceback, and not status 1, which would read as 'some images failed'."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        with open(mnt / "filler", "wb") as f:
+            try:
+                f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        run = EvalProcess(["--data", folder_set, "--json", str(mnt / "r.json"), "--no-progress"] + SIM)
+        try:
+            rc = run.finish()
+        finally:
+            run.kill()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert rc == 3, run.stderr
+    assert "the disk is full" in run.stderr and "Traceback" not in run.stderr
+    assert "images" in run.stdout  # the table was printed before the report file failed
