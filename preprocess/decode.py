@@ -16,9 +16,24 @@ No EXIF rotation (the loader does none). The shorter side is resized with
 already matches, as torchvision does; where the crop is larger than the
 resized image the outside is zeros, as torchvision's padding gives.
 
-Other decode modes (a fast mode that decodes at a reduced DCT scale and
-resizes only the crop box) plug into ``_MODES``; each takes the undecoded
-``PIL.Image`` from :func:`_open` so that it can call ``draft`` before loading.
+Fast mode (``mode="fast"``) trades bit-exactness for speed, with a measured
+accuracy difference (README, "Profiling"; ``bench/bench_decode.py``):
+
+- JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8 only: the other
+  libjpeg-turbo scales are slower than a full decode) when the scaled image
+  is still at least the resize target, so the resize still shrinks it;
+- JPEGs in YCbCr, RGB or grayscale are decoded by libjpeg-turbo through
+  ``simplejpeg`` when it is installed (faster than Pillow's decoder, whose
+  pixels it reproduces bit for bit at full scale); CMYK/YCCK JPEGs, other
+  formats, and files ``simplejpeg`` refuses go through Pillow (with
+  ``draft`` for JPEGs), so a file fails in fast mode exactly when it fails
+  in exact mode;
+- only the pixels inside the crop are resized (``Image.resize(size,
+  box=...)``: the crop of a resize is a resize of the matching box), which
+  differs from exact mode by at most 1 in about 0.04 % of the values.
+
+Each mode in ``_MODES`` takes the bytes and the undecoded ``PIL.Image`` from
+:func:`_open`, so that it can call ``draft`` before loading.
 
 Bad input: every failure to decode (empty, truncated, corrupt, not an image,
 decompression bomb) raises :class:`DecodeError` with a short reason. Errors
@@ -35,12 +50,18 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from preprocess.geometry import crop_placement, resized_size
+
+try:  # libjpeg-turbo without Pillow's per-scanline overhead; optional (the `fast` extra)
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
 
 __all__ = [
     "DecodeError",
@@ -122,13 +143,13 @@ def preprocess_into(
             size. Every pixel of it is written.
         resize: the shorter side after resizing (int), or an exact ``(h, w)``.
         interpolation: a key of :data:`INTERPOLATIONS`.
-        mode: ``"exact"`` (identical to torchvision, see the module docstring).
+        mode: ``"exact"`` (identical to torchvision) or ``"fast"`` (reduced
+            DCT scale, libjpeg-turbo, crop-box resize); see the module docstring.
         max_pixels: decompression-bomb limit, see :func:`open_rgb`.
 
     Raises:
         DecodeError: the data cannot be decoded; ``out`` may be partly written.
         ValueError, TypeError: bad arguments (checked before decoding).
-        NotImplementedError: a decode mode that is planned but not written yet.
     """
     _check_out(out)
     resize = _check_resize(resize)
@@ -141,22 +162,18 @@ def preprocess_into(
     try:
         run = _MODES[mode]
     except KeyError:
-        if mode in _PLANNED_MODES:
-            raise NotImplementedError(
-                f"decode mode {mode!r} is not implemented yet; use 'exact'"
-            ) from None
         raise ValueError(f"unknown decode mode {mode!r}; expected one of {sorted(MODES)}") from None
-    run(_open(data, max_pixels), out, resize, resample, max_pixels)
+    run(data, out, resize, resample, max_pixels)
 
 
 # --------------------------------------------------------------------------- modes
 
 
 def _preprocess_exact(
-    img: Image.Image, out: np.ndarray, resize: ResizeSpec, resample: int, max_pixels: Optional[int]
+    data: bytes, out: np.ndarray, resize: ResizeSpec, resample: int, max_pixels: Optional[int]
 ) -> None:
     """Exact mode: full decode, full resize, crop; identical to torchvision."""
-    img = _load_rgb(img)
+    img = _load_rgb(_open(data, max_pixels))
     width, height = img.size
     size = resized_size(width, height, resize)
     if size != (width, height):  # torchvision returns the image untouched then
@@ -165,10 +182,152 @@ def _preprocess_exact(
     _write_center_crop(img, out)
 
 
-_Mode = Callable[[Image.Image, np.ndarray, ResizeSpec, int, Optional[int]], None]
-_MODES: Dict[str, _Mode] = {"exact": _preprocess_exact}
-_PLANNED_MODES = ("fast",)
-MODES: Tuple[str, ...] = tuple(_MODES) + _PLANNED_MODES
+def _preprocess_fast(
+    data: bytes,
+    out: np.ndarray,
+    resize: ResizeSpec,
+    resample: int,
+    max_pixels: Optional[int],
+    fastdct: bool = False,
+    fastupsample: bool = False,
+) -> None:
+    """Fast mode: reduced-DCT decode where it stays above the target, resize of the crop box only.
+
+    The geometry is exact mode's: the resized size and the crop come from the
+    full image size, and the decoded (possibly scaled) image is mapped onto
+    that resized image, so only the pixel values differ, never the framing.
+    ``fastdct``/``fastupsample``: libjpeg-turbo's faster, less accurate IDCT
+    and chroma upsampling (``simplejpeg`` path only; measured in
+    ``bench/bench_decode.py``, off by default).
+    """
+    if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
+        if _fast_jpeg(data, out, resize, resample, max_pixels, fastdct, fastupsample):
+            return
+    img = _open(data, max_pixels)
+    width, height = img.size
+    size = resized_size(width, height, resize)
+    _check_resized(size, max_pixels)
+    scale = 1
+    if img.format == "JPEG":
+        # Pillow picks the largest of 8, 4, 2, 1 with (W // s, H // s) >= size: the scaled
+        # image still covers the resize target. It returns the original extent in the
+        # scaled image's coordinates, (W / s, H / s): a partial last DCT block is kept apart.
+        try:
+            got = img.draft(None, size)
+        except Exception as exc:  # noqa: BLE001 -- parsing untrusted bytes, see _decode_error
+            raise _decode_error(exc, img.format) from exc
+        if got is not None and got[1][2] > 0:
+            scale = round(width / got[1][2])
+    img = _load_rgb(img)
+    _write_resized_crop(img, out, (width, height), size, scale, resample)
+
+
+# Header colour spaces that libjpeg-turbo converts to RGB exactly as Pillow does.
+_SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")
+
+
+def _fast_jpeg(
+    data: bytes,
+    out: np.ndarray,
+    resize: ResizeSpec,
+    resample: int,
+    max_pixels: Optional[int],
+    fastdct: bool,
+    fastupsample: bool,
+) -> bool:
+    """The ``simplejpeg`` path of fast mode; False where Pillow must take the file instead.
+
+    Anything ``simplejpeg`` refuses (a corrupt, truncated or unusual file: it
+    runs libjpeg-turbo with warnings as errors) returns False, and Pillow then
+    decodes it or fails it with exact mode's reason. Images over the pixel
+    limit also go to Pillow, whose checks give the reason.
+    """
+    try:
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:  # noqa: BLE001 -- a bad header: Pillow gives the reason
+        return False
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if space not in _SIMPLEJPEG_SPACES or width < 1 or height < 1 or (limit and width * height > limit):
+        return False
+    size = resized_size(width, height, resize)
+    _check_resized(size, max_pixels)
+    # 1/2, 1/4, 1/8 only (the others are slower than a full decode), and only while the scaled
+    # image is still at least the resize target: the same choice as Pillow's draft().
+    scale = _dct_scale(width, height, size)
+    # libjpeg-turbo's scaled size is ceil(W / s) x ceil(H / s); min_factor=s with those minimums
+    # leaves it exactly one choice (simplejpeg otherwise also picks 3/8, 5/8, ... scales)
+    scaled_w, scaled_h = -(-width // scale), -(-height // scale)
+    kw = dict(min_factor=scale, min_width=scaled_w, min_height=scaled_h) if scale > 1 else {}
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, "RGBX", fastdct=fastdct, fastupsample=fastupsample,
+            buffer=_scratch(scaled_w * scaled_h * 4), **kw
+        )
+    except Exception:  # noqa: BLE001 -- Pillow decodes it or gives exact mode's reason
+        return False
+    if pixels.shape[:2] != (scaled_h, scaled_w):
+        return False  # not the scale asked for (another libjpeg-turbo?): let Pillow do it
+    img = Image.frombuffer("RGBX", (scaled_w, scaled_h), pixels, "raw", "RGBX", 0, 1)
+    _write_resized_crop(img, out, (width, height), size, scale, resample)
+    return True
+
+
+def _dct_scale(width: int, height: int, size: Tuple[int, int]) -> int:
+    """The largest of 8, 4, 2, 1 that keeps ``(W // s, H // s)`` at least ``size`` (Pillow's rule)."""
+    fit = min(width // size[0], height // size[1])
+    for scale in (8, 4, 2):
+        if fit >= scale:
+            return scale
+    return 1
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A reusable decode buffer per thread: no fresh allocation (and page faults) per image."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        _LOCAL.buf = buf
+    return buf[:nbytes]
+
+
+def _write_resized_crop(
+    img: Image.Image,
+    out: np.ndarray,
+    full: Tuple[int, int],
+    size: Tuple[int, int],
+    scale: int,
+    resample: int,
+) -> None:
+    """Write the centre crop of ``full`` resized to ``size``, resizing only the crop's box.
+
+    ``img`` is the decoded image, ``full`` the original image size and
+    ``scale`` the DCT scale it was decoded at (1: full size); pixel ``i`` of
+    ``img`` covers original pixels ``[i * scale, (i + 1) * scale)``. ``img``
+    may be RGB or RGBX (the X band is dropped).
+    """
+    crop_h, crop_w = out.shape[0], out.shape[1]
+    (left, top, right, bottom), (dst_x, dst_y) = crop_placement(size[0], size[1], crop_h, crop_w)
+    src_w, src_h = right - left, bottom - top
+    if src_w != crop_w or src_h != crop_h:
+        out.fill(0)  # the crop is larger than the image along some axis: zeros, as in exact mode
+    # resized pixel x covers original [x * fx, (x + 1) * fx), decoded [x * fx / scale, ...)
+    fx, fy = full[0] / size[0] / scale, full[1] / size[1] / scale
+    if img.size == size:
+        # no resize at this scale (the image already has the target size): a plain crop
+        img = img.crop((left, top, right, bottom))
+    else:
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        img = img.resize((src_w, src_h), resample, box=box)
+    pixels = np.asarray(img)
+    out[dst_y : dst_y + src_h, dst_x : dst_x + src_w] = pixels[:, :, :3]
+
+
+_Mode = Callable[[bytes, np.ndarray, ResizeSpec, int, Optional[int]], None]
+_MODES: Dict[str, _Mode] = {"exact": _preprocess_exact, "fast": _preprocess_fast}
+MODES: Tuple[str, ...] = tuple(_MODES)
 
 
 # --------------------------------------------------------------------------- steps
