@@ -75,11 +75,18 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="exact (pixels identical to torchvision's transforms, the default) or fast")
 
 
-def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64) -> None:
+def positive_int_or_auto(text: str) -> int:
+    """A whole number >= 1, or "auto" (0: resolved by engine.autotune before the run)."""
+    return 0 if text == "auto" else positive_int(text)
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64, allow_auto: bool = False) -> None:
     g = p.add_argument_group("pipeline")
-    g.add_argument("--batch-size", type=positive_int, default=batch_default, help="(default: %(default)s)")
-    g.add_argument("--workers", type=positive_int, default=1,
-                   help="decode worker processes (default: %(default)s)")
+    number = positive_int_or_auto if allow_auto else positive_int
+    auto = "; auto: measured before the run, the choice and its reasons are printed" if allow_auto else ""
+    g.add_argument("--batch-size", type=number, default=batch_default, help=f"(default: %(default)s{auto})")
+    g.add_argument("--workers", type=number, default=1,
+                   help=f"decode worker processes (default: %(default)s{auto})")
     g.add_argument("--ring-slots", type=positive_int, default=0,
                    help="batch slots in shared memory (default: in-flight batches + 2)")
     g.add_argument("--inflight", type=positive_int, default=3,
@@ -143,8 +150,11 @@ def eval_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_model_args(p)
     add_preprocess_args(p)
-    add_pipeline_args(p)
+    add_pipeline_args(p, allow_auto=True)
     p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
+    p.add_argument("--trace", metavar="PATH",
+                   help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "
+                        "open it in ui.perfetto.dev or chrome://tracing")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -171,7 +181,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
         p.error("--data is required")
     _never_fail_on_file_names(sys.stdout)
     try:
-        cfg = config_from_args(a, json_path=a.json)
+        cfg = config_from_args(a, json_path=a.json, trace_path=a.trace)
         _, status = run_eval(cfg)
         return status
     except (ConfigError, DatasetError) as e:

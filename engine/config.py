@@ -105,8 +105,8 @@ class RunConfig:
     optimization_level: int = 0
     cache_dir: Optional[str] = None
     use_cache: bool = True
-    batch_size: int = 64
-    workers: int = 1
+    batch_size: int = 64  # 0: --batch-size auto (resolved by engine.autotune before the run)
+    workers: int = 1  # 0: --workers auto (likewise)
     ring_slots: int = 0  # 0: derived from workers and in-flight batches
     inflight: int = 3
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -119,13 +119,14 @@ class RunConfig:
     max_image_pixels: Optional[int] = None  # decompression-bomb limit; None: Pillow's (178,956,970)
     image_timeout: float = 120.0  # seconds on one image before its worker is killed (and the image retried)
     json_path: Optional[str] = None
+    trace_path: Optional[str] = None  # --trace: Chrome/Perfetto trace-event JSON of the run
     progress: bool = True
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1 (got {self.workers})")
+        if self.batch_size < 0:
+            raise ConfigError(f"--batch-size must be at least 1, or auto (got {self.batch_size})")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be at least 1, or auto (got {self.workers})")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1 (got {self.limit})")
         if self.backend not in BACKENDS:

@@ -22,11 +22,14 @@ from engine.backends import create_backend
 from engine.backends.base import Backend
 from engine.config import RunConfig
 from engine.dataset import Dataset, build_dataset
+from engine.autotune import autotune, usable_cores
 from engine.metrics import Metrics
 from engine.pool import WorkerPool
+from engine.profile import breakdown
 from engine.report import Progress, environment, format_eval, write_json
 from engine.ring import Ring
 from engine.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
+from engine.trace import write_trace
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
@@ -102,7 +105,8 @@ class _Signals:
 
 
 def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Dict, stats: PipelineStats,
-                 compute_lat, pool: Optional[WorkerPool], loop: str, partial: bool) -> Dict:
+                 compute_lat, pool: Optional[WorkerPool], loop: str, partial: bool,
+                 tuning: Optional[Dict] = None) -> Dict:
     n_done = metrics.images + metrics.failed
     e2e = n_done / stats.wall_s if stats.wall_s > 0 else 0.0
     compute = cfg.batch_size / float(np.mean(compute_lat)) if compute_lat else 0.0
@@ -141,6 +145,11 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
             "workers": workers,
             "worker_deaths": [{"worker": w, "how": h, "path": p} for w, h, p in (pool.deaths if pool else [])],
         },
+        # stage partition of the wall time, decode vs device capacity, verdict (engine/profile.py)
+        "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
+                             backend_info.get("backend", cfg.backend), usable_cores()),
+        "decode_mode": cfg.preprocess.decode,
+        "autotune": tuning or {},  # --workers auto / --batch-size auto: choices and reasons
         "per_class": metrics.per_class(ds.class_names),
         "backend": backend_info,
         "loop": loop,
@@ -192,7 +201,10 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     try:
         backend = create_backend(cfg)
         cfg = cfg.replace(backend=backend.name)
-        backend.prepare(cfg.batch_size)
+        if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
+            cfg, backend, state["autotune"] = autotune(cfg, ds, backend)
+        else:
+            backend.prepare(cfg.batch_size)
         ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
@@ -224,10 +236,14 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
             backend_info = {"backend": cfg.backend}
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
-                          loop_name(loop), partial=stopped is not None)
+                          loop_name(loop), partial=stopped is not None, tuning=state.get("autotune"))
     print(format_eval(report), file=out)
     if cfg.json_path:
         write_json(cfg.json_path, report)
+    if cfg.trace_path:
+        keep = ("throughput", "profile", "decode_mode", "autotune", "images", "failed", "backend")
+        write_trace(cfg.trace_path, stats.batches, state["pool"].spans if state["pool"] else [],
+                    {k: report[k] for k in keep})
     if stopped is not None:
         return report, 128 + stopped
     return report, EXIT_FAILED_IMAGES if metrics.failed else EXIT_OK

@@ -80,10 +80,17 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
                  f" {tp.get('compute_only_iterations', 0)} calls)")
     if tp.get("ratio"):
         lines.append(f"  ratio         {tp['ratio']:.3f}  (end to end / compute only)")
-    lines.append(f"  stages        waiting for decoded batches {st['wait_s']:.2f} s | copy {st['copy_s']:.2f} s"
-                 f" | compute+D2H {st['compute_s']:.2f} s | reduce {st['reduce_s']:.3f} s (sums over batches)")
-    lines.append(f"  decode        {st['decode_s']:.2f} s of worker time, {st['decode_img_per_s_per_worker']:,.1f}"
-                 f" img/s per busy worker, loop {report['loop']}")
+    if report.get("profile"):  # stage partition, capacities and verdict (engine/profile.py)
+        from engine.profile import format_breakdown
+
+        lines.extend(format_breakdown(report["profile"]))
+    else:
+        lines.append(f"  stages        waiting for decoded batches {st['wait_s']:.2f} s | copy {st['copy_s']:.2f} s"
+                     f" | compute+D2H {st['compute_s']:.2f} s | reduce {st['reduce_s']:.3f} s (sums over batches)")
+        lines.append(f"  decode        {st['decode_s']:.2f} s of worker time, {st['decode_img_per_s_per_worker']:,.1f}"
+                     f" img/s per busy worker, loop {report['loop']}")
+    for name, choice in (report.get("autotune") or {}).items():
+        lines.append(f"  auto          --{name.replace('_', '-')} {choice['value']}: {choice['reason']}")
     if report["failed"]:
         lines.append(f"  failed images ({report['failed']}):")
         for f in report["failures"][:max_failures]:
