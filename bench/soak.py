@@ -31,6 +31,8 @@ import time
 
 from _common import ROOT, bench_data, result_block
 
+from engine.procs import worker_processes  # noqa: E402  (_common puts the repo on sys.path)
+
 EVAL = os.path.join(ROOT, "bin", "run-eval")
 
 
@@ -68,18 +70,7 @@ def _status(pid: int) -> dict:
 
 
 def _workers(parent: int):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"preprocess.worker" in argv and argv[argv.index(b"--parent") + 1] == str(parent).encode():
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(w for w, p in worker_processes().items() if p == parent)
 
 
 class Sampler(threading.Thread):

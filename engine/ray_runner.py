@@ -120,7 +120,7 @@ def _reap_local_actors(pids: List[int], timeout: float = 15.0) -> None:
     """After a local cluster's shutdown: wait for its actors to exit, then unlink the rings that
     actors killed outright left in /dev/shm (what the next Ring() on this machine would do)."""
     from engine.ring import cleanup_stale
-    from engine.writer import _pid_alive as _alive
+    from engine.procs import pid_alive as _alive
 
     deadline = time.monotonic() + timeout
     while any(_alive(p) for p in set(pids)) and time.monotonic() < deadline:

@@ -44,6 +44,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from engine.procs import pid_alive
+
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "iengine-"
 ALIGN = 4096
@@ -89,7 +91,7 @@ def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             os.unlink(os.path.join(shm_dir, name))
@@ -97,16 +99,6 @@ def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
         except OSError:
             pass
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_space(nbytes: int, slots: int, batch: int, shm_dir: str = SHM_DIR) -> None:

@@ -43,6 +43,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from engine.procs import pid_alive
+
 RUN_FILE = "run.json"
 SUCCESS_FILE = "_SUCCESS"
 FORMATS = ("parquet", "jsonl", "csv")
@@ -83,16 +85,6 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tmp_name(path: str) -> str:
@@ -349,7 +341,7 @@ class OutputDir:
                 continue
             part = int(m.group(1))
             if m.group(3) is not None:  # a tmp file
-                if part not in mine and not (m.group(4) == host and not _pid_alive(int(m.group(5)))):
+                if part not in mine and not (m.group(4) == host and not pid_alive(int(m.group(5)))):
                     continue
             elif part not in mine or self.read_done(part) is not None:
                 continue  # not ours to redo, or a done part (its file or its record)

@@ -13,36 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from engine.procs import pid_alive, worker_processes  # noqa: E402
 from engine.ring import NAME_PREFIX, SHM_DIR  # noqa: E402
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def orphan_workers():
     """Worker processes whose parent (named in their --parent argument) is gone."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"preprocess.worker" not in argv or b"--parent" not in argv:
-            continue
-        parent = int(argv[argv.index(b"--parent") + 1])
-        if not _pid_alive(parent):
-            found.append(int(entry))
-    return found
+    return [w for w, parent in worker_processes().items() if not pid_alive(parent)]
 
 
 def leaked_rings():
@@ -52,7 +29,7 @@ def leaked_rings():
         if not name.startswith(NAME_PREFIX):
             continue
         pid = int(name[len(NAME_PREFIX):].split("-")[0])
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             out.append(name)
     return out
 

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from conftest import ROOT, leaked_rings
+from engine.procs import running, worker_processes
 
 EVAL = os.path.join(ROOT, "bin", "run-eval")
 N = 40  # images per run: 5 batches of 8
@@ -88,27 +89,7 @@ class EvalProcess:
 
 
 def _workers_of(parent: int):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"preprocess.worker" in argv and b"--parent" in argv and argv[argv.index(b"--parent") + 1] == str(parent).encode():
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return [w for w, p in worker_processes().items() if p == parent]
 
 
 def _rings_of(pid: int):
@@ -136,7 +117,7 @@ def _marker(fault_dir, timeout=60.0):
 def _nothing_left(pid: int):
     """No worker of the run `pid` alive and no block of it in /dev/shm (other runs on the machine
     are not ours to judge; conftest checks the whole machine at the session's end)."""
-    _wait_until(lambda: not [w for w in _workers_of(pid) if _alive(w)] and not _rings_of(pid), 5)
+    _wait_until(lambda: not [w for w in _workers_of(pid) if running(w)] and not _rings_of(pid), 5)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +309,7 @@ def test_parent_killed_outright_leaves_no_workers_and_no_shared_memory(folder_se
         else:
             os.kill(run.pid, signal.SIGKILL)
         run.p.wait(timeout=10)
-        gone = _wait_until(lambda: not any(_alive(w) for w in workers), 3)
+        gone = _wait_until(lambda: not any(running(w) for w in workers), 3)
         print(f"\nworkers gone {gone * 1000:.0f} ms after the parent's SIGKILL")
         if group:
             time.sleep(0.5)

@@ -32,12 +32,7 @@ def _wait_gone(pids, timeout=5.0):
     return [p for p in pids if _alive(p)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+from engine.procs import running as _alive  # noqa: E402
 
 
 def _group(pgid: int):
