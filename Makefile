@@ -1,0 +1,67 @@
+# Project tasks. Everything runs through the venv's interpreter; no activation needed.
+#   make setup   create/refresh .venv (scripts/setup-env.sh), stamped: instant when done
+#   make test    setup, then the test suite
+#   make eval    setup, a small synthetic dataset (made once), then an accuracy run
+#   make bench   setup, then every benchmark in BENCHES
+#   make clean   remove caches and build outputs (keeps .venv); distclean removes .venv too
+
+SHELL       := /bin/bash
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.setup-stamp
+SETUP_DEPS  := scripts/setup-env.sh setup.cfg pyproject.toml requirements-test.txt
+# `make test` installs the Ray extra so the Ray tests run in CI.
+SETUP_FLAGS ?= --ray
+
+PYTEST_FLAGS ?= -q -ra -p no:cacheprovider --timeout=300
+TESTS        ?= tests
+
+EVAL_DATA    ?= .cache/synthetic-val
+EVAL_IMAGES  ?= 500
+EVAL_CLASSES ?= 50
+EVAL_MODEL   ?= resnext50_32x4d
+EVAL_BACKEND ?= cpu
+EVAL_WORKERS ?= 1
+EVAL_BATCH   ?= 25
+EVAL_JSON    ?= .cache/eval-report.json
+EVAL_FLAGS   ?=
+
+# Benchmarks to run, one python file each; default every bench/bench_*.py (helpers such
+# as bench/_common.py and long runs such as bench/soak.py are left out unless named).
+BENCHES      ?= $(sort $(wildcard bench/bench_*.py))
+BENCH_FLAGS  ?=
+
+.PHONY: setup test eval bench clean distclean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_DEPS)
+	VENV=$(VENV) bash scripts/setup-env.sh $(SETUP_FLAGS)
+	@touch $@
+
+# pytest exit 5 means "no tests collected": reported, not treated as a failure.
+test: setup
+	@rc=0; $(PY) -m pytest $(PYTEST_FLAGS) $(TESTS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; rc=0; fi; \
+	exit $$rc
+
+eval: setup $(EVAL_DATA)
+	@mkdir -p $(dir $(EVAL_JSON))
+	$(PY) bin/run-eval --data $(EVAL_DATA) --model $(EVAL_MODEL) --backend $(EVAL_BACKEND) \
+		--workers $(EVAL_WORKERS) --batch-size $(EVAL_BATCH) --json $(EVAL_JSON) $(EVAL_FLAGS)
+
+# Made once: the folder's existence is the stamp; a failed run leaves no folder behind.
+$(EVAL_DATA): | $(STAMP)
+	@mkdir -p $(dir $(EVAL_DATA))
+	$(PY) bin/make-dataset $@ --images $(EVAL_IMAGES) --classes $(EVAL_CLASSES) || { rm -rf $@; exit 1; }
+
+bench: setup
+	@if [ -z "$(strip $(BENCHES))" ]; then echo "make bench: no benchmarks in bench/ yet"; fi
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b $(BENCH_FLAGS); done
+
+clean:
+	rm -rf .cache build dist *.egg-info .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
