@@ -46,9 +46,11 @@ def measure_compute_only(backend: Backend, batch_size: int, iterations: int = 0,
     """Latencies of the model alone on a resident batch; with iterations=0, about `budget_s` worth."""
     if iterations:
         return backend.compute_only(batch_size, iterations, warmup=2)
+    # the probe is a second warm-up (allocators, autotuners settle over the first calls); at least
+    # 3 timed calls even for a slow model, so one noisy call cannot make the figure
     probe = backend.compute_only(batch_size, 1, warmup=1)
-    n = int(max(2, min(200, budget_s / max(probe[0], 1e-6))))
-    return probe + backend.compute_only(batch_size, n - 1, warmup=0)
+    n = int(max(3, min(200, budget_s / max(probe[0], 1e-6))))
+    return backend.compute_only(batch_size, n, warmup=0)
 
 
 def _force_exit(signum: int, ring: Optional[Ring]) -> None:
