@@ -25,10 +25,11 @@ def bench_data(images: int, classes: int = 20, seed: int = 7) -> str:
 
 
 def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, limit=None, decode="exact",
-             inflight: int = 3, loop_kind: str = "auto", **fields):
+             inflight: int = 3, loop_kind: str = "auto", details=None, **fields):
     """Time the whole pipeline (worker start included) on the sim backend.
 
-    Returns (images, seconds, PipelineStats, compute-only img/s).
+    Returns (images, seconds, PipelineStats, compute-only img/s). `details`, a dict if given,
+    receives the pool's `worker_stats` and `spans` (the workers' own clocks).
     """
     from engine.backends.sim import SimBackend
     from engine.config import resolve_config
@@ -56,6 +57,8 @@ def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, lim
             stats = await run_pipeline(pool, ring, backend, len(ds), batch, inflight, lambda r: None)
         finally:
             pool.close()
+        if details is not None:
+            details.update(worker_stats=pool.worker_stats(), spans=list(pool.spans))
         out["seconds"] = time.perf_counter() - t
         out["stats"] = stats
         out["compute"] = batch / (sum(lat) / len(lat)) if lat else None

@@ -7,7 +7,8 @@
     workers      decode img/s of one worker, timed in this process (single-threaded, the run's
                  decode mode and preprocessing) on images spread over the dataset, against the
                  device's compute-only rate at the chosen batch: enough workers to cover the
-                 device with 10 % headroom, at most the usable cores. On the cpu backend the
+                 device with 10 % headroom, at most the usable cores less one for this process
+                 (event loop, copies, kernel launches; all of them below 4 cores). On the cpu backend the
                  workers take cores from the model, so the choice balances the two instead.
 
 Each choice comes with its figures and a one-line reason, printed on stderr and kept in the
@@ -115,11 +116,15 @@ def choose_workers(per_worker: float, device_rate: float, cores: int, cpu_backen
                         f"{per_worker:,.0f} img/s, the model about {per_thread:,.0f} img/s per thread; {best_w} "
                         f"worker(s) and {cores - best_w} thread(s) balance at about {e2e:,.0f} img/s")
     need = workers_needed(device_rate, per_worker)
-    pick = max(1, min(need, cores))
+    # the parent needs a core too (event loop, copies, kernel launches): starved, it throttles the
+    # device (seen on an H100 with 15 workers on 16 cores); on 2-3 cores every core decodes
+    room = cores - 1 if cores >= 4 else cores
+    pick = max(1, min(need, room))
     why = (f"one worker decodes {per_worker:,.0f} img/s, the device takes {device_rate:,.0f} img/s: "
            f"{need} worker(s) cover it with {WORKER_HEADROOM - 1:.0%} headroom")
-    if need > cores:
-        why += f"; capped at the {cores} usable cores (the run will be decode-bound)"
+    if need > room:
+        why += (f"; capped at {room} of the {cores} usable cores" + (" (one left for this process)" if room < cores
+                                                                    else "") + " (the run will be decode-bound)")
     return pick, why
 
 

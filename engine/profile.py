@@ -145,7 +145,7 @@ def verdict(p: Dict, backend: str = "", cores: Optional[int] = None) -> Tuple[st
                         f"(compute-only {dev:,.0f} img/s was measured with the workers idle); end to end is "
                         f"{ratio:.2f} of it. Fewer workers give the model more threads; --decode fast "
                         f"makes each worker cheaper")
-    if cap and cap < dev / DEVICE_BOUND:
+    if cap and cap < dev / DEVICE_BOUND and p["end_to_end"] >= 0.8 * cap:
         need = workers_needed(dev, p["decode_img_per_s_per_worker"])
         line = (f"decode-bound: {w} worker(s) deliver {cap:,.0f} img/s, the device takes {dev:,.0f}; "
                 f"about {need} workers would saturate it")
@@ -156,8 +156,17 @@ def verdict(p: Dict, backend: str = "", cores: Optional[int] = None) -> Tuple[st
             line += " (or --decode fast)"
         return "decode", line
     if shares.get("copy", 0) >= 0.25:
+        per = p["per_batch"]["copy_s"] or 0.0
         return "copy", (f"copy-bound: host-to-device copies fill {shares['copy']:.0%} of the wall time with the "
-                        f"device idle; end to end is {ratio:.2f} of compute-only")
+                        f"device idle ({1000 * per:.1f} ms per batch, submit to copied); end to end is "
+                        f"{p['end_to_end']:,.0f} img/s, {ratio:.2f} of compute-only, while the workers could deliver "
+                        f"{cap:,.0f} (busy {p['worker_utilisation']:.0%}): the backend's submit/copy path is the limit"
+                        + (" (it runs in this process, which shares the cores with the workers: try fewer workers)"
+                           if cores and w >= cores - 1 else ""))
+    if cap and cap < dev / DEVICE_BOUND:
+        return "pipeline", (f"pipeline-bound: end to end is {p['end_to_end']:,.0f} img/s, below both the workers' "
+                            f"{cap:,.0f} (busy {p['worker_utilisation']:.0%}) and the device's {dev:,.0f}: more "
+                            f"batches in flight (--inflight, --ring-slots), or see the trace (--trace)")
     if shares.get("decode", 0) >= 0.1:
         return "pipeline", (f"start-up-bound: the device waited for decoding {shares['decode']:.0%} of the wall time "
                             f"although the workers could deliver {cap:,.0f} img/s against the device's {dev:,.0f}: "

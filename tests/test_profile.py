@@ -45,15 +45,21 @@ def test_verdicts():
     dev = [_bt(i, i * 0.1, i * 0.1 + 0.05, 0.1 + i * 0.1, 0.1 + i * 0.1, 0.2 + i * 0.1, 0.2 + i * 0.1) for i in range(20)]
     p = breakdown(_stats(dev, 2.1), [{"worker": 0, "images": 160, "busy_s": 1.0}], 1, 82.0, 160)
     assert p["bound"] == "device" and p["verdict"].startswith("device-bound: end to end is 0.9")
-    # decode-bound: 2 workers at 100 img/s each, the device could take 1000
+    # decode-bound: 2 workers at 50 img/s each, always busy; the device could take 1000
     dec = [_bt(i, 0.0, 0.08 * (i + 1), 0.08 * (i + 1), 0.08 * (i + 1), 0.08 * (i + 1) + 0.008, 0.08 * (i + 1) + 0.009)
            for i in range(20)]
-    p = breakdown(_stats(dec, 1.61), [{"worker": w, "images": 80, "busy_s": 0.8} for w in range(2)], 2, 1000.0, 160,
-                  cores=4)
+    busy = [{"worker": w, "images": 80, "busy_s": 1.6} for w in range(2)]
+    p = breakdown(_stats(dec, 1.61), busy, 2, 1000.0, 160, cores=4)
     assert p["bound"] == "decode"
-    assert p["verdict"].startswith("decode-bound: 2 worker(s) deliver 200 img/s, the device takes 1,000; about 11 "
+    assert p["verdict"].startswith("decode-bound: 2 worker(s) deliver 100 img/s, the device takes 1,000; about 22 "
                                    "workers would saturate it (this host has 4 cores")
     assert workers_needed(1000, 100) == 11
+    # the same run with idle workers and the time in copies: the copy path is the limit, not decode
+    copy = [_bt(i, 0.0, 0.01, 0.08 * i, 0.08 * (i + 1), 0.08 * (i + 1) + 0.001, 0.08 * (i + 1) + 0.002)
+            for i in range(20)]
+    idle = [{"worker": w, "images": 80, "busy_s": 0.4} for w in range(2)]
+    p = breakdown(_stats(copy, 1.61), idle, 2, 1000.0, 160, cores=2)
+    assert p["bound"] == "copy" and "try fewer workers" in p["verdict"], p["verdict"]
     assert verdict(dict(p, per_batch=dict(p["per_batch"], batches=1)))[0] == "unknown"
 
 
