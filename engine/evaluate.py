@@ -8,7 +8,6 @@ SIGINT/SIGTERM (a partial report is still written, labelled partial).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import signal
 import sys
@@ -63,7 +62,7 @@ def _force_exit(signum: int, ring: Optional[Ring]) -> None:
     os._exit(128 + signum)
 
 
-class _Signals:
+class StopSignals:
     """While the event loop runs. First SIGINT/SIGTERM: `on_stop()`, then cancel the run (partial
     report). Second: exit at once. `remove()` puts back the handlers that were there before.
 
@@ -210,7 +209,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
-        signals = _Signals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
+        signals = StopSignals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
         try:
             loop.run_until_complete(task)
         except asyncio.CancelledError:

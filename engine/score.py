@@ -392,9 +392,9 @@ class PartScorer:
         self.task = self.loop.create_task(self._score(list(parts), stats, progress))
         signals = None
         if handle_signals:
-            from engine.evaluate import _Signals
+            from engine.evaluate import StopSignals
 
-            signals = _Signals(self.loop, self.task, self.ring)
+            signals = StopSignals(self.loop, self.task, self.ring)
         try:
             self.loop.run_until_complete(self.task)
         except asyncio.CancelledError:

@@ -11,7 +11,6 @@ import ctypes
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
