@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import queue
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from engine import __version__
-from engine.backends.base import Backend, BackendError, InFlight, timed_calls
+from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.compile_cache import CompileCache, cache_key
 from engine.models import (InputAdapter, WithInput, build_model, cached_torchvision_weights, file_sha256,
                            quiet_jit)
@@ -106,7 +105,7 @@ class _AieBatch(InFlight):
             b = self.backend
             b.copy_stream.synchronize()  # no events: the only way to know the copy finished
             if self.staging is not None:
-                b._release(self.staging)
+                b._staging.release(self.staging)
                 self.staging = None
             self.y = b._call(self.x)  # enqueued on the compute stream, returns at once
             self.x = None
@@ -151,9 +150,7 @@ class AieBackend(Backend):
         self.model = None
         self.input_dtype: Optional[torch.dtype] = None
         self._call_lock = threading.Lock()
-        self._staging_lock = threading.Lock()
-        self._staging: "Optional[queue.Queue]" = None
-        self._staging_made = 0
+        self._staging: Optional[HostBuffers] = None
         self._net = None  # the CPU model, built only on a cache miss
         self._model_info: Dict = {}
         self.info: Dict = {}
@@ -240,7 +237,7 @@ class AieBackend(Backend):
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self.model = None
-        self._staging, self._staging_made = None, 0
+        self._staging = None
         identity = self._identity()
         notes: List[str] = []
         pending_refusal: Optional[Tuple[str, str]] = None
@@ -293,7 +290,7 @@ class AieBackend(Backend):
                   "compiled model has random weights, so the accuracy means nothing", file=sys.stderr)
         h, w, c = self.spec.shape
         self._shape = (batch_size, h, w, c)
-        self._staging = queue.Queue()
+        self._staging = HostBuffers(self._new_staging, self.config.inflight + 1)
 
     def _what(self, batch_size: int) -> str:
         batch = f"batch {batch_size}" if self.static_shape else f"batches 1..{batch_size}"
@@ -319,21 +316,10 @@ class AieBackend(Backend):
 
     # ---- running ----------------------------------------------------------------------------
 
-    def _acquire(self) -> torch.Tensor:
+    def _new_staging(self) -> torch.Tensor:
         """A host staging buffer [B, H, W, 3] of the input dtype: pinned if possible."""
-        with self._staging_lock:
-            try:
-                return self._staging.get_nowait()
-            except queue.Empty:
-                make = self._staging_made < self.config.inflight + 1
-                self._staging_made += make
-        if make:
-            buf = torch.empty(self._shape, dtype=self.input_dtype)
-            return buf.pin_memory() if self.pinned else buf
-        return self._staging.get()  # every buffer is in flight: wait for a copy to finish
-
-    def _release(self, buf: torch.Tensor) -> None:
-        self._staging.put(buf)
+        buf = torch.empty(self._shape, dtype=self.input_dtype)
+        return buf.pin_memory() if self.pinned else buf
 
     def _call(self, x):
         """Enqueue the compiled model on the compute stream; returns the (npu) output at once."""
@@ -362,7 +348,7 @@ class AieBackend(Backend):
         host = torch.from_numpy(pixels)
         staging = None
         if self.pinned or self.input_dtype != torch.uint8:
-            staging = self._acquire()
+            staging = self._staging.acquire()
             staging[:n].copy_(host)  # ring slot -> staging buffer (uint8, or float16 values 0..255)
             host = staging[:n]
         try:
@@ -370,10 +356,10 @@ class AieBackend(Backend):
                 x = host.to(self.device, non_blocking=self.pinned)
         except Exception as e:
             if staging is not None:
-                self._release(staging)
+                self._staging.release(staging)
             raise BackendError(f"aie: host-to-device copy failed: {type(e).__name__}: {e}")
         if not self.pinned and staging is not None:
-            self._release(staging)  # a pageable copy has finished when .to() returns
+            self._staging.release(staging)  # a pageable copy has finished when .to() returns
             staging = None
         return _AieBatch(self, x, staging, n)
 

@@ -12,8 +12,10 @@ Calls from the scheduler (all of them may block, so it runs them in executor thr
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 
@@ -69,6 +71,31 @@ class Backend:
 
     def close(self) -> None:
         """Release the device; idempotent."""
+
+
+class HostBuffers:
+    """Reusable host staging buffers: made on first need by `make()`, at most `limit` of them;
+    `acquire()` blocks while every one is in flight, until a finished copy `release()`s one."""
+
+    def __init__(self, make: Callable[[], object], limit: int):
+        self._make, self._limit = make, limit
+        self._free: "queue.Queue" = queue.Queue()
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def acquire(self):
+        with self._lock:
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                make = self._made < self._limit
+                self._made += make
+        if make:
+            return self._make()
+        return self._free.get()
+
+    def release(self, buf) -> None:
+        self._free.put(buf)
 
 
 def timed_calls(call, sync, iterations: int, warmup: int) -> List[float]:

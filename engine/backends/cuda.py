@@ -19,7 +19,6 @@ replayed per batch (static shape: the scheduler pads a short last batch and drop
 
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 from typing import Dict, List, Optional, Tuple
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from engine.backends.base import Backend, BackendError, InFlight, timed_calls
+from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.models import InputAdapter, WithInput, build_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,7 +41,7 @@ class _StreamBatch(InFlight):
     def copied(self) -> None:
         self.copied_event.synchronize()
         if self.staging is not None:
-            self.backend._release(self.staging)
+            self.backend._staging.release(self.staging)
             self.staging = None
 
     def result(self) -> np.ndarray:
@@ -121,9 +120,7 @@ class StreamBackend(Backend):
         self._lock = threading.Lock()  # enqueueing on the compute stream (graph buffers are shared)
         self._registered: Optional[Tuple[int, int]] = None
         self.host_memory = "pinned staging"  # until the ring is registered
-        self._staging: "queue.Queue" = queue.Queue()
-        self._staging_made = 0
-        self._staging_lock = threading.Lock()
+        self._staging: Optional[HostBuffers] = None  # made in prepare(), used where the ring is not pinned
         self.model = None
         self.graph = None
         self.info: Dict = {}
@@ -141,7 +138,7 @@ class StreamBackend(Backend):
         self.model = WithInput(adapter, net).to(self.device).eval()
         h, w, c = self.spec.shape
         self._shape = (batch_size, h, w, c)
-        self._staging, self._staging_made = queue.Queue(), 0
+        self._staging = HostBuffers(lambda: self._pinned_empty(self._shape, torch.uint8), self.config.inflight + 1)
         # warm up on the compute stream: cudnn.benchmark picks its algorithms, and a TorchScript
         # model's profiling executor finishes optimising (compiling fused kernels) before any capture
         x = torch.zeros(self._shape, dtype=torch.uint8, device=self.device)
@@ -194,20 +191,6 @@ class StreamBackend(Backend):
             except Exception as e:
                 print(f"warning: unregistering the ring's pinned memory failed: {e}", file=sys.stderr)
 
-    def _acquire(self) -> torch.Tensor:
-        with self._staging_lock:
-            try:
-                return self._staging.get_nowait()
-            except queue.Empty:
-                make = self._staging_made < self.config.inflight + 1
-                self._staging_made += make
-        if make:
-            return self._pinned_empty(self._shape, torch.uint8)
-        return self._staging.get()
-
-    def _release(self, buf: torch.Tensor) -> None:
-        self._staging.put(buf)
-
     # ---- running ----------------------------------------------------------------------------
 
     def _check_batch(self, shape) -> None:
@@ -226,7 +209,7 @@ class StreamBackend(Backend):
         host = torch.from_numpy(pixels)
         staging = None
         if self._registered is None:
-            staging = self._acquire()
+            staging = self._staging.acquire()
             staging[:n].copy_(host)
             host = staging[:n]
         with self.dm.stream(self.copy_stream):
@@ -282,7 +265,7 @@ class StreamBackend(Backend):
         self.unregister_host_memory()
         self.graph = None
         self.model = None
-        self._staging = queue.Queue()
+        self._staging = None
 
 
 class CudaBackend(StreamBackend):
