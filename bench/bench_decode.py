@@ -16,9 +16,9 @@
       EfficientNet-Lite0 when its wheel is installed, else the proxy); --data DIR runs all of this on
       your own images instead of the synthetic set.
 
-Every figure is the best of --repeat passes, passes interleaved between contenders, so that load
-from other processes on a shared machine hits all of them alike. Targets (issue 4): exact pool per
-worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact pool per worker
+Per core: per image, every contender in turn, --repeat rounds, the median time per image (so that
+contenders share the same moments and a spike of load from other processes drops out). The pool and the DataLoader: the best of --repeat runs, interleaved. Targets (issue 4):
+exact pool per worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact pool per worker
 and >= 0.8 x the fastest libjpeg-turbo decode-only rate.
 """
 
@@ -100,28 +100,29 @@ def _load(paths):
     _FNS = _contenders()
 
 
-def _pass(name: str) -> float:
-    fn = _FNS[name]
-    t = time.perf_counter()
-    for d in _BLOBS:
-        fn(d)
-    return len(_BLOBS) / (time.perf_counter() - t)
+def _interleaved(repeat: int) -> dict:
+    """img/s of every contender: per image, each contender in turn, `repeat` rounds; the median
+    time per image and contender, summed. Contenders thus share the same moments, and a spike of
+    load from other processes drops out without picking each contender's luckiest moment."""
+    times = {k: [[] for _ in _BLOBS] for k in _FNS}
+    for _ in range(repeat):
+        for i, d in enumerate(_BLOBS):
+            for name, fn in _FNS.items():
+                t = time.perf_counter()
+                fn(d)
+                times[name][i].append(time.perf_counter() - t)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {k: len(v) / sum(med(x) for x in v) for k, v in times.items()}
 
 
 def per_core(paths, repeat: int, procs: int = 1):
-    """img/s per core of each contender: `procs` processes decoding the same files at once (the
-    pool's concurrency, so that both see the same all-core clock and memory traffic); best of
-    `repeat` interleaved passes, each the mean over the processes."""
+    """img/s per core of each contender, measured in `procs` processes at once (the pool's
+    concurrency: both then see the same all-core clock and memory traffic); the mean over them."""
     from concurrent.futures import ProcessPoolExecutor
 
-    names = list(_contenders())
-    best = dict.fromkeys(names, 0.0)
     with ProcessPoolExecutor(procs, initializer=_load, initargs=(list(paths),)) as ex:
-        for _ in range(repeat):
-            for name in names:
-                rates = list(ex.map(_pass, [name] * procs))
-                best[name] = max(best[name], sum(rates) / len(rates))
-    return best
+        runs = list(ex.map(_interleaved, [repeat] * procs))
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
 def pool_per_worker(data: str, workers: int, batch: int, limit: int, mode: str):
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="your own images (an ImageFolder, or any folder of images) instead")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3, help="best of N passes for each contender")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per image (per core), runs (pool, DataLoader)")
     p.add_argument("--no-dataloader", action="store_true", help="skip the torchvision DataLoader baseline")
     p.add_argument("--agreement", action="store_true", help="also top-1 agreement, fast against exact")
     a = p.parse_args(argv)
@@ -147,12 +148,10 @@ def main(argv=None) -> int:
     import PIL
     import simplejpeg
 
-    rates = dict.fromkeys(_contenders(), 0.0)
+    rates = per_core(paths, a.repeat, a.workers)
     pool = {"exact": (0.0, 0.0), "fast": (0.0, 0.0)}
     dl = 0.0
     for _ in range(a.repeat):  # interleaved: drift on a shared machine hits every contender alike
-        for k, v in per_core(paths, 1, a.workers).items():
-            rates[k] = max(rates[k], v)
         for mode in ("exact", "fast"):
             w, total = pool_per_worker(data, a.workers, a.batch_size, len(paths), mode)
             pool[mode] = (max(pool[mode][0], w), max(pool[mode][1], total))
