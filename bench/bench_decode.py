@@ -17,8 +17,9 @@
       your own images instead of the synthetic set.
 
 Per core: per image, every contender in turn, --repeat rounds, the median time per image (so that
-contenders share the same moments and a spike of load from other processes drops out). The pool and the DataLoader: the best of --repeat runs, interleaved. Targets (issue 4):
-exact pool per worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact pool per worker
+contenders share the same moments and a spike of load from other processes drops out). The pool
+and the DataLoader: the best of --repeat runs, interleaved. Targets (issue 4): exact pool per
+worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact pool per worker
 and >= 0.8 x the fastest libjpeg-turbo decode-only rate.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import time
 

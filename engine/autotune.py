@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from engine.profile import WORKER_HEADROOM, workers_needed
 
@@ -75,7 +75,8 @@ def measure_decode(paths: Sequence[str], spec, sample: int = 32, budget_s: float
             "mode": spec.decode}
 
 
-def measure_compute(backend, batch_sizes: Sequence[int], budget_s: float = 1.0, prepare: bool = True) -> Dict[int, float]:
+def measure_compute(backend, batch_sizes: Sequence[int], budget_s: float = 1.0,
+                    prepare: bool = True) -> Dict[int, float]:
     """Compute-only img/s at each batch size (about `budget_s` per size, at least 2 calls).
 
     With `prepare`, a static-shape backend (compiled for one batch size) is prepared for each size

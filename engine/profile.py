@@ -184,7 +184,8 @@ def format_breakdown(p: Dict) -> List[str]:
     pb = p["per_batch"]
     ms = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
     return [
-        f"  stages        {wall:.2f} s of wall time: device computing {pct('compute')}, copying {pct('copy')}, reducing "
+        f"  stages        {wall:.2f} s of wall time: device computing {pct('compute')}, copying {pct('copy')}, "
+        f"reducing "
         f"{pct('reduce')}, waiting for decode {pct('decode')}, other {pct('other')}",
         f"  per batch     fill {ms(pb['fill_s'])} ms | wait for a filled slot {ms(pb['wait_s'])} ms | copy "
         f"{ms(pb['copy_s'])} ms | compute+D2H {ms(pb['compute_s'])} ms | reduce {ms(pb['reduce_s'])} ms "

@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, run_cli
 from engine.synthetic import encode_jpeg, make_image

@@ -42,7 +42,8 @@ def _stats(batches, wall):
 
 def test_verdicts():
     # device-bound: the device computes back to back
-    dev = [_bt(i, i * 0.1, i * 0.1 + 0.05, 0.1 + i * 0.1, 0.1 + i * 0.1, 0.2 + i * 0.1, 0.2 + i * 0.1) for i in range(20)]
+    dev = [_bt(i, i * 0.1, i * 0.1 + 0.05, 0.1 + i * 0.1, 0.1 + i * 0.1, 0.2 + i * 0.1, 0.2 + i * 0.1)
+           for i in range(20)]
     p = breakdown(_stats(dev, 2.1), [{"worker": 0, "images": 160, "busy_s": 1.0}], 1, 82.0, 160)
     assert p["bound"] == "device" and p["verdict"].startswith("device-bound: end to end is 0.9")
     # decode-bound: 2 workers at 50 img/s each, always busy; the device could take 1000
