@@ -30,6 +30,7 @@ from torchvision.datasets.folder import pil_loader  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
 
 from engine.synthetic import encode_jpeg, make_image  # noqa: E402
+from preprocess import decode  # noqa: E402
 from preprocess import (  # noqa: E402
     INTERPOLATIONS,
     DecodeError,
@@ -448,3 +449,46 @@ def _mutated(draw):
 @given(_mutated())
 def test_fuzz_mutated_images(data):
     _decode_or_fail(data)
+
+
+@pytest.mark.skipif(decode.simplejpeg is None, reason="simplejpeg is not installed")
+@pytest.mark.parametrize("options", [
+    {"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"subsampling": 2, "progressive": True},
+    {"subsampling": 2, "optimize": True}, {"subsampling": 1, "restart_marker_blocks": 4}, {"quality": 50},
+])
+def test_exact_mode_libjpeg_turbo_decode_is_pillows(options):
+    """Exact mode's simplejpeg path gives Pillow's decoded pixels, bit for bit (and so torchvision's)."""
+
+    img = make_image(np.random.default_rng(5), 333, 257, 3)
+    buf = io.BytesIO()
+    try:
+        img.save(buf, "JPEG", quality=options.pop("quality", 90), **options)
+    except TypeError:
+        pytest.skip(f"this Pillow cannot write {options}")
+    data = buf.getvalue()
+    turbo = decode._exact_jpeg(data, None)
+    assert turbo is not None, "the libjpeg-turbo path refused a plain YCbCr JPEG"
+    np.testing.assert_array_equal(np.asarray(turbo), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    a, b = np.zeros((224, 224, 3), np.uint8), np.zeros((224, 224, 3), np.uint8)
+    decode.preprocess_into(data, a, 256)
+    with_pillow = decode._EXACT_TURBO
+    try:
+        decode._EXACT_TURBO = False
+        decode.preprocess_into(data, b, 256)
+    finally:
+        decode._EXACT_TURBO = with_pillow
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(decode.simplejpeg is None, reason="simplejpeg is not installed")
+def test_exact_mode_leaves_cmyk_grey_and_broken_jpegs_to_pillow():
+
+    img = make_image(np.random.default_rng(6), 300, 200, 1)
+    for mode in ("CMYK", "L"):
+        buf = io.BytesIO()
+        img.convert(mode).save(buf, "JPEG", quality=90)
+        assert decode._exact_jpeg(buf.getvalue(), None) is None
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    assert decode._exact_jpeg(buf.getvalue()[:2000], None) is None  # truncated: Pillow gives the reason
+    assert decode._exact_jpeg(buf.getvalue(), max_pixels=100) is None  # over the limit: Pillow's message
