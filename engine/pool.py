@@ -89,8 +89,6 @@ class _Worker:
         self.jobs: "collections.OrderedDict[int, _Job]" = collections.OrderedDict()
         self.ready = False
         self.alive = True
-        self.images = 0
-        self.busy_s = 0.0
         self.timed_out: Optional[float] = None  # seconds on one image when the watchdog killed it
 
 
@@ -254,8 +252,6 @@ class WorkerPool:
             job = w.jobs.pop(job_id)
             f = job.fill
             f.failures.extend(failures)
-            w.images += len(job.rows)
-            w.busy_s += t1 - t0
             total = self._totals.setdefault(w.wid, [0, 0.0])
             total[0] += len(job.rows)
             total[1] += t1 - t0
