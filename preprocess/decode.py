@@ -11,6 +11,10 @@ Exact mode is the reference. For the same Pillow the pixels written by
     img = CenterCrop((crop_h, crop_w))(img)
     np.asarray(img)
 
+YCbCr/RGB JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with
+Pillow's own settings (accurate integer IDCT, fancy upsampling), which gives
+Pillow's pixels bit for bit and is faster (``_exact_jpeg``); everything else,
+and every file it refuses, is decoded by Pillow, so failures are Pillow's.
 No EXIF rotation (the loader does none). The shorter side is resized with
 ``Image.resize((w, h), filter)`` and the resize is skipped when the size
 already matches, as torchvision does; where the crop is larger than the
