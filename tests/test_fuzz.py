@@ -55,6 +55,8 @@ def _seeds():
     rgb = Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8))
     return [
         _encode(rgb, "JPEG", quality=80),
+        # big enough that fast mode decodes it at a reduced DCT scale for the fuzz's resize of 32
+        _encode(Image.fromarray(rng.integers(0, 256, (520, 600, 3), dtype=np.uint8)), "JPEG", quality=85),
         _encode(rgb, "JPEG", quality=60, progressive=True),
         _encode(rgb.convert("CMYK"), "JPEG"),
         _encode(rgb.convert("L"), "JPEG"),
@@ -117,26 +119,28 @@ def _no_hang(fn, *args):
         signal.signal(signal.SIGALRM, old)
 
 
-def _pixels_or_decode_error(data):
+def _pixels_or_decode_error(data, mode="exact"):
     out = np.full((24, 24, 3), 7, np.uint8)
     try:
-        _no_hang(preprocess_into, data, out, 32, "bilinear", "exact", MAX_PIXELS)
+        _no_hang(preprocess_into, data, out, 32, "bilinear", mode, MAX_PIXELS)
     except DecodeError as e:
         assert str(e) and isinstance(e.reason, str)  # a reason for the report
         return None
     return out
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @FUZZ
 @given(data=mutated_files())
-def test_mutated_images_give_pixels_or_a_decode_error(data):
-    _pixels_or_decode_error(data)
+def test_mutated_images_give_pixels_or_a_decode_error(mode, data):
+    _pixels_or_decode_error(data, mode)
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @FUZZ
 @given(data=st.binary(max_size=2048))
-def test_random_bytes_give_pixels_or_a_decode_error(data):
-    _pixels_or_decode_error(data)
+def test_random_bytes_give_pixels_or_a_decode_error(mode, data):
+    _pixels_or_decode_error(data, mode)
 
 
 @FUZZ
