@@ -6,7 +6,6 @@ Imports torch: only backends import this module.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import warnings
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.backends.base import BackendError
+from engine.files import file_sha256
 from engine.config import RunConfig
 
 
@@ -49,17 +49,6 @@ class WithInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.adapter(x))
-
-
-def file_sha256(path: str, limit: Optional[int] = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cached_torchvision_weights(model: str) -> Optional[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 from engine import __version__
 from engine.classes import imagenet_classes
 from engine.config import RunConfig
+from engine.files import file_sha256
 from engine.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
 from engine.metrics import topk_indices
 from engine.scheduler import BatchResult, PipelineStats
@@ -65,14 +65,6 @@ class ScoreOptions:
     resume: bool = True
     ray: Optional[str] = None  # None: local; "local": a local Ray cluster; else a cluster address
     ray_actors: int = 0  # 0: one per accelerator
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_roundtrip(d: Dict) -> Dict:
