@@ -100,14 +100,15 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, report: Dict) -> None:
-    """Write atomically: a report is never half-written."""
+def write_json(path: str, report: Dict, **dump_options) -> None:
+    """Write atomically: a report is never half-written. `dump_options` go to `json.dump`
+    (default: `indent=1`)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, sort_keys=False)
+            json.dump(report, f, **(dump_options or {"indent": 1}))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

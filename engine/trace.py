@@ -18,9 +18,9 @@ Worker spans are those the pool kept (its first `max_spans` jobs).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, List, Optional, Sequence
+
+from engine.report import write_json
 
 WORKERS_PID, DEVICE_PID, SCHEDULER_PID = 1, 2, 3
 COPY_TID, COMPUTE_TID, REDUCE_TID = 1, 2, 3
@@ -125,11 +125,4 @@ def idle_waiting(batches: Sequence) -> List[tuple]:
 
 def write_trace(path: str, batches: Sequence, spans: Sequence, other: Optional[Dict] = None) -> None:
     """Write the trace atomically (see `build_trace`)."""
-    doc = build_trace(batches, spans, other)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, build_trace(batches, spans, other), separators=(",", ":"))
