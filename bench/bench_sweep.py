@@ -22,7 +22,7 @@ FACTORS = (0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2.0, 4.0)
 
 
 def one_run(data, workers, batch, ms, mode, limit):
-    from engine.autotune import usable_cores
+    from engine.procs import usable_cores
     from engine.profile import breakdown
 
     details: dict = {}
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     data = bench_data(a.images)
     modes = [m for m in a.modes.split(",") if m]
     factors = [float(f) for f in a.factors.split(",")]
-    from engine.autotune import usable_cores
+    from engine.procs import usable_cores
 
     capacity, rows_by_mode = {}, {}
     for mode in modes:

@@ -23,18 +23,12 @@ import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
+from engine.procs import usable_cores
 from engine.profile import WORKER_HEADROOM, workers_needed
 
 BATCH_CANDIDATES = (8, 16, 32, 64, 128, 256)
 SHM_SHARE = 0.5  # of the free /dev/shm the ring may take
 NEAR_BEST = 0.95
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def shm_free(shm_dir: str = "/dev/shm") -> Optional[int]:

@@ -65,7 +65,7 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
         cfg = cfg.replace(backend=resolve_auto())
     compute_cfg = cfg
     if cfg.backend == "cpu" and not cfg.threads:
-        from engine.backends.cpu import usable_cores
+        from engine.procs import usable_cores
 
         compute_cfg = cfg.replace(threads=usable_cores())  # compute only: no decode workers to leave room for
     largest = max(batch_sizes)

@@ -21,9 +21,10 @@ from engine.backends import create_backend
 from engine.backends.base import Backend
 from engine.config import RunConfig
 from engine.dataset import Dataset, build_dataset
-from engine.autotune import autotune, usable_cores
+from engine.autotune import autotune
 from engine.metrics import Metrics
 from engine.pool import WorkerPool
+from engine.procs import usable_cores
 from engine.profile import breakdown
 from engine.report import Progress, environment, format_eval, write_json
 from engine.ring import Ring

@@ -1,9 +1,18 @@
-"""Process look-ups shared by the ring, the part writer, the benchmarks and the tests."""
+"""Process and core look-ups shared by the ring, the part writer, the backends, autotuning, the
+benchmarks and the tests."""
 
 from __future__ import annotations
 
 import os
 from typing import Dict
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def pid_alive(pid: int) -> bool:

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from engine.autotune import (BATCH_CANDIDATES, batch_fits, choose_batch, choose_workers, measure_decode,
-                             usable_cores)
+from engine.autotune import BATCH_CANDIDATES, batch_fits, choose_batch, choose_workers, measure_decode
+from engine.procs import usable_cores
 from engine.cli import eval_parser
 
 EVAL = os.path.join(ROOT, "bin", "run-eval")

@@ -3,7 +3,6 @@ free at once); normalisation from uint8 runs inside the model call, in channels_
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Dict, List
 
@@ -12,13 +11,7 @@ import torch
 
 from engine.backends.base import Backend, BackendError, InFlight, timed_calls
 from engine.models import InputAdapter, WithInput, build_model
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+from engine.procs import usable_cores
 
 
 class _CpuBatch(InFlight):
