@@ -18,25 +18,17 @@ report's `autotune` section.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from typing import Dict, Optional, Sequence, Tuple
 
 from engine.procs import usable_cores
+from engine.ring import shm_free
 from engine.profile import WORKER_HEADROOM, workers_needed
 
 BATCH_CANDIDATES = (8, 16, 32, 64, 128, 256)
 SHM_SHARE = 0.5  # of the free /dev/shm the ring may take
 NEAR_BEST = 0.95
-
-
-def shm_free(shm_dir: str = "/dev/shm") -> Optional[int]:
-    try:
-        st = os.statvfs(shm_dir)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def batch_fits(batch: int, slots: int, image_bytes: int, free: Optional[int]) -> bool:

@@ -103,7 +103,7 @@ def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
 
 def check_space(nbytes: int, slots: int, batch: int, shm_dir: str = SHM_DIR) -> None:
     """Refuse to start when the ring does not fit in the shared-memory mount."""
-    free = _free_bytes(shm_dir)
+    free = shm_free(shm_dir)
     if free is None:
         return  # no /dev/shm (not Linux): nothing to check against
     if nbytes > free:
@@ -123,7 +123,7 @@ def _reserve(name: str, nbytes: int, slots: int, batch: int, shm_dir: str = SHM_
         fallocate(fd, 0, nbytes)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM):
-            free = _free_bytes(shm_dir)
+            free = shm_free(shm_dir)
             raise RingError(_space_message(nbytes, slots, batch, free, shm_dir)) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
@@ -131,7 +131,8 @@ def _reserve(name: str, nbytes: int, slots: int, batch: int, shm_dir: str = SHM_
         os.close(fd)
 
 
-def _free_bytes(shm_dir: str) -> Optional[int]:
+def shm_free(shm_dir: str = SHM_DIR) -> Optional[int]:
+    """Free bytes in the shared-memory mount; None where there is none (not Linux)."""
     try:
         st = os.statvfs(shm_dir)
     except OSError:
