@@ -3,13 +3,14 @@
 #   make test    setup, then the test suite
 #   make eval    setup, a small synthetic dataset (made once), then an accuracy run
 #   make bench   setup, then every benchmark in BENCHES
-#   make clean   remove caches and build outputs (keeps .venv); distclean removes .venv too
+#   make clean   remove caches and build outputs (keeps .venv and the region decoder);
+#                distclean removes .venv and preprocess/_jpegregion-*.so too
 
 SHELL       := /bin/bash
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.setup-stamp
-SETUP_DEPS  := scripts/setup-env.sh setup.cfg pyproject.toml requirements-test.txt
+SETUP_DEPS  := scripts/setup-env.sh setup.cfg pyproject.toml requirements-test.txt preprocess/_jpegregion.c
 # `make test` installs the Ray extra so the Ray tests run in CI.
 SETUP_FLAGS ?= --ray
 
@@ -66,4 +67,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) preprocess/_jpegregion-*.so

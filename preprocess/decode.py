@@ -23,18 +23,22 @@ resized image the outside is zeros, as torchvision's padding gives.
 Fast mode (``mode="fast"``) trades bit-exactness for speed, with a measured
 accuracy difference (README, "Profiling"; ``bench/bench_decode.py``):
 
+- JPEGs in YCbCr, RGB or grayscale go through the region decoder
+  (:mod:`preprocess.jpegregion`, a small C library over libjpeg-turbo) where
+  it is built: only the window of the image that the crop's resize reads is
+  decoded, the crop's box is resized in C with Pillow's filters and weights
+  and written as RGB into ``out``. Where it is not built, ``simplejpeg``
+  decodes the whole image into a reused RGBX buffer and Pillow resizes the
+  box;
 - JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8 only: the other
   libjpeg-turbo scales are slower than a full decode) when the scaled image
   is still at least the resize target, so the resize still shrinks it;
-- JPEGs in YCbCr, RGB or grayscale are decoded by libjpeg-turbo through
-  ``simplejpeg`` when it is installed (faster than Pillow's decoder, whose
-  pixels it reproduces bit for bit at full scale); CMYK/YCCK JPEGs, other
-  formats, and files ``simplejpeg`` refuses go through Pillow (with
-  ``draft`` for JPEGs), so a file fails in fast mode exactly when it fails
-  in exact mode;
-- only the pixels inside the crop are resized (``Image.resize(size,
-  box=...)``: the crop of a resize is a resize of the matching box), which
-  differs from exact mode by at most 1 in about 0.04 % of the values.
+- CMYK/YCCK JPEGs, other formats, and files libjpeg-turbo refuses or warns
+  about go through Pillow (with ``draft`` for JPEGs), so a file fails in fast
+  mode exactly when it fails in exact mode;
+- only the pixels inside the crop are resized (the crop of a resize is a
+  resize of the matching box), which differs from exact mode by at most 1 in
+  a fraction of a percent of the values at full scale.
 
 Each mode in ``_MODES`` takes the bytes and the undecoded ``PIL.Image`` from
 :func:`_open`, so that it can call ``draft`` before loading.
@@ -53,6 +57,7 @@ them and run out of memory.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import threading
@@ -63,6 +68,8 @@ from PIL import Image
 
 from preprocess.geometry import crop_placement, resized_size
 
+from preprocess import jpegregion
+
 try:  # libjpeg-turbo without Pillow's per-scanline overhead; optional (the `fast` extra)
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -70,6 +77,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "DecodeError",
+    "decoder",
     "INTERPOLATIONS",
     "MODES",
     "open_rgb",
@@ -207,7 +215,7 @@ def _preprocess_fast(
     and chroma upsampling (``simplejpeg`` path only; measured in
     ``bench/bench_decode.py``, off by default).
     """
-    if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
+    if data[:3] == b"\xff\xd8\xff" and (_REGION is not None or simplejpeg is not None):
         if _fast_jpeg(data, out, resize, resample, max_pixels, fastdct, fastupsample):
             return
     img = _open(data, max_pixels)
@@ -238,6 +246,8 @@ _SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")
 # files against Pillow, and every exactness test compares with torchvision on Pillow), and the
 # decode is 1.2-1.4x faster. IMAGENET_ENGINE_EXACT_DECODER=pillow turns it off.
 _EXACT_TURBO = simplejpeg is not None and os.environ.get("IMAGENET_ENGINE_EXACT_DECODER", "") != "pillow"
+# Fast mode's decoder of JPEG windows, None where it is not built (preprocess/jpegregion.py).
+_REGION = jpegregion.load()
 
 
 def _exact_jpeg(data: bytes, max_pixels: Optional[int]) -> Optional[Image.Image]:
@@ -269,17 +279,23 @@ def _fast_jpeg(
     fastdct: bool,
     fastupsample: bool,
 ) -> bool:
-    """The ``simplejpeg`` path of fast mode; False where Pillow must take the file instead.
+    """The libjpeg-turbo path of fast mode; False where Pillow must take the file instead.
 
-    Anything ``simplejpeg`` refuses (a corrupt, truncated or unusual file: it
-    runs libjpeg-turbo with warnings as errors) returns False, and Pillow then
-    decodes it or fails it with exact mode's reason. Images over the pixel
-    limit also go to Pillow, whose checks give the reason.
+    Decodes with the region decoder (:mod:`preprocess.jpegregion`: only the window the crop's
+    resize reads) where it is built, else the whole image with ``simplejpeg``. Anything they
+    refuse (a corrupt, truncated or unusual file: both run libjpeg-turbo with warnings as
+    errors) returns False, and Pillow then decodes it or fails it with exact mode's reason.
+    Images over the pixel limit also go to Pillow, whose checks give the reason.
     """
+    if not isinstance(data, bytes):
+        data = bytes(data)  # ctypes and simplejpeg take bytes
     try:
-        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        header = _REGION.header(data) if _REGION is not None else simplejpeg.decode_jpeg_header(data)[:3]
     except Exception:  # noqa: BLE001 -- a bad header: Pillow gives the reason
         return False
+    if header is None:
+        return False
+    height, width, space = (header[1], header[0], header[2]) if _REGION is not None else header
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     if space not in _SIMPLEJPEG_SPACES or width < 1 or height < 1 or (limit and width * height > limit):
         return False
@@ -288,9 +304,13 @@ def _fast_jpeg(
     # 1/2, 1/4, 1/8 only (the others are slower than a full decode), and only while the scaled
     # image is still at least the resize target: the same choice as Pillow's draft().
     scale = _dct_scale(width, height, size)
-    # libjpeg-turbo's scaled size is ceil(W / s) x ceil(H / s); min_factor=s with those minimums
-    # leaves it exactly one choice (simplejpeg otherwise also picks 3/8, 5/8, ... scales)
+    # libjpeg-turbo's scaled size is ceil(W / s) x ceil(H / s)
     scaled_w, scaled_h = -(-width // scale), -(-height // scale)
+    if _REGION is not None:
+        return _fast_jpeg_region(data, out, (width, height), (scaled_w, scaled_h), size, scale, resample,
+                                 fastdct, fastupsample)
+    # min_factor=s with those minimums leaves simplejpeg exactly one choice (it otherwise also
+    # picks 3/8, 5/8, ... scales)
     kw = dict(min_factor=scale, min_width=scaled_w, min_height=scaled_h) if scale > 1 else {}
     try:
         pixels = simplejpeg.decode_jpeg(
@@ -303,6 +323,70 @@ def _fast_jpeg(
         return False  # not the scale asked for (another libjpeg-turbo?): let Pillow do it
     img = Image.frombuffer("RGBX", (scaled_w, scaled_h), pixels, "raw", "RGBX", 0, 1)
     _write_resized_crop(img, out, (width, height), size, scale, resample)
+    return True
+
+
+# Pillow's filter supports (ImagingResample's filters), in input pixels at scale 1: the resize of
+# output pixel i reads the input within support * max(1, box / output) of its centre.
+_SUPPORT = {
+    _Resampling.NEAREST: 0.5, _Resampling.BOX: 0.5, _Resampling.BILINEAR: 1.0,
+    _Resampling.HAMMING: 1.0, _Resampling.BICUBIC: 2.0, _Resampling.LANCZOS: 3.0,
+}
+# Pixels added around what the filter reads: Pillow's rounding of each filter's first and last
+# input (1), and libjpeg-turbo's chroma upsampling, which sees no neighbour at a window's edge (2).
+_MARGIN = 3
+
+
+def _fast_jpeg_region(
+    data: bytes,
+    out: np.ndarray,
+    full: Tuple[int, int],
+    scaled: Tuple[int, int],
+    size: Tuple[int, int],
+    scale: int,
+    resample: int,
+    fastdct: bool,
+    fastupsample: bool,
+) -> bool:
+    """Fast mode through the region decoder: decode the window of the (DCT-scaled) image that the
+    crop's resize reads, then resize the crop's box within it (:func:`_write_resized_crop`)."""
+    crop_h, crop_w = out.shape[0], out.shape[1]
+    (left, top, right, bottom), (dst_x, dst_y) = crop_placement(size[0], size[1], crop_h, crop_w)
+    if scaled == size:  # no resize: the window is the crop
+        box, reach_x, reach_y = (left, top, right, bottom), 0.0, 0.0
+    else:
+        fx, fy = full[0] / size[0] / scale, full[1] / size[1] / scale
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        support = _SUPPORT.get(resample, 3.0)
+        reach_x = support * max(1.0, (box[2] - box[0]) / (right - left))
+        reach_y = support * max(1.0, (box[3] - box[1]) / (bottom - top))
+    x0 = max(0, int(math.floor(box[0] - reach_x)) - _MARGIN)
+    y0 = max(0, int(math.floor(box[1] - reach_y)) - _MARGIN)
+    x1 = min(scaled[0], int(math.ceil(box[2] + reach_x)) + _MARGIN)
+    y1 = min(scaled[1], int(math.ceil(box[3] + reach_y)) + _MARGIN)
+    w, h = x1 - x0, y1 - y0
+    flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
+    if resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
+        # decode, resize and write RGB into `out` in one call (Pillow's resize arithmetic, in C)
+        src_w, src_h = right - left, bottom - top
+        if src_w != crop_w or src_h != crop_h:
+            out.fill(0)  # the crop is larger than the image along some axis: zeros, as in exact mode
+        dst = out[dst_y : dst_y + src_h, dst_x : dst_x + src_w]
+        work = _scratch(jpegregion.work_bytes((x0, y0, w, h), (src_w, src_h)))
+        try:
+            got = _REGION.decode_resize(data, scale, flags, (x0, y0, w, h), box, (src_w, src_h), resample, dst, work)
+        except (jpegregion.RegionError, ValueError):
+            return False  # Pillow decodes it or gives exact mode's reason
+        return got == scaled  # else not the scale asked for (another libjpeg-turbo?): Pillow redoes it
+    buf = _scratch(jpegregion.window_bytes(w, h))
+    try:
+        x, width, y, rows, got_w, got_h = _REGION.decode(data, scale, flags, (x0, y0, w, h), buf)
+    except (jpegregion.RegionError, ValueError):
+        return False  # Pillow decodes it or gives exact mode's reason
+    if (got_w, got_h) != scaled:
+        return False  # not the scale asked for (another libjpeg-turbo?): let Pillow do it
+    img = Image.frombuffer("RGBX", (width, rows), buf[: width * rows * 4], "raw", "RGBX", 0, 1)
+    _write_resized_crop(img, out, full, size, scale, resample, origin=(x, y))
     return True
 
 
@@ -334,13 +418,16 @@ def _write_resized_crop(
     size: Tuple[int, int],
     scale: int,
     resample: int,
+    origin: Tuple[int, int] = (0, 0),
 ) -> None:
     """Write the centre crop of ``full`` resized to ``size``, resizing only the crop's box.
 
     ``img`` is the decoded image, ``full`` the original image size and
     ``scale`` the DCT scale it was decoded at (1: full size); pixel ``i`` of
     ``img`` covers original pixels ``[i * scale, (i + 1) * scale)``. ``img``
-    may be RGB or RGBX (the X band is dropped).
+    may be RGB or RGBX (the X band is dropped). ``origin``: where ``img``
+    starts in the decoded image when it is a window of it (the region
+    decoder's), which then holds every pixel the resize reads.
     """
     crop_h, crop_w = out.shape[0], out.shape[1]
     (left, top, right, bottom), (dst_x, dst_y) = crop_placement(size[0], size[1], crop_h, crop_w)
@@ -349,16 +436,32 @@ def _write_resized_crop(
         out.fill(0)  # the crop is larger than the image along some axis: zeros, as in exact mode
     # resized pixel x covers original [x * fx, (x + 1) * fx), decoded [x * fx / scale, ...)
     fx, fy = full[0] / size[0] / scale, full[1] / size[1] / scale
-    if img.size == size:
+    ox, oy = origin
+    if (-(-full[0] // scale), -(-full[1] // scale)) == size:
         # no resize at this scale (the image already has the target size): a plain crop
-        img = img.crop((left, top, right, bottom))
+        img = img.crop((left - ox, top - oy, right - ox, bottom - oy))
     else:
-        box = (left * fx, top * fy, right * fx, bottom * fy)
+        box = (left * fx - ox, top * fy - oy, right * fx - ox, bottom * fy - oy)
         img = img.resize((src_w, src_h), resample, box=box)
     # packed to RGB by Pillow (RGBX -> RGB in C), then one contiguous copy: numpy dropping the X
     # band itself (a strided copy) costs several times more
     pixels = np.frombuffer(img.tobytes("raw", "RGB"), dtype=np.uint8).reshape(src_h, src_w, 3)
     out[dst_y : dst_y + src_h, dst_x : dst_x + src_w] = pixels
+
+
+def decoder(mode: str) -> str:
+    """One line: what decodes JPEGs in ``mode`` in this process (run-eval's report says it)."""
+    if mode == "fast":
+        if _REGION is not None:
+            return (f"JPEG windows by libjpeg-turbo {_REGION.turbo_version} (region decoder) with the resize "
+                    f"in C; Pillow for the rest")
+        why = jpegregion.status().replace("no region decoder: ", "")
+        if simplejpeg is not None:
+            return f"whole JPEGs by libjpeg-turbo via simplejpeg (region decoder {why}); Pillow for the rest"
+        return f"Pillow with draft() (no simplejpeg; region decoder {why})"
+    if _EXACT_TURBO:
+        return "YCbCr/RGB JPEGs by libjpeg-turbo via simplejpeg with Pillow's settings; Pillow for the rest"
+    return "Pillow"
 
 
 _Mode = Callable[[bytes, np.ndarray, ResizeSpec, int, Optional[int]], None]

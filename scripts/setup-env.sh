@@ -348,6 +348,20 @@ else
 fi
 
 # --------------------------------------------------------------------------------------
+# 6b. Fast mode's JPEG region decoder (preprocess/_jpegregion.c, loaded with ctypes): built
+#     against the system's libjpeg-turbo; without it --decode fast decodes whole images
+#     (slower, same pixels up to rounding). The file name carries the source's hash, so a
+#     changed source is rebuilt here and a stale build is never loaded.
+# --------------------------------------------------------------------------------------
+if "$PY" -m preprocess.native --check >/dev/null 2>&1; then
+    say "JPEG region decoder already built"
+elif "$PY" -m preprocess.native --build >"$LOGDIR/jpegregion.log" 2>&1; then
+    say "JPEG region decoder built ($("$PY" -m preprocess.native --check 2>&1))"
+else
+    notice "JPEG region decoder not built ($(tail -n 1 "$LOGDIR/jpegregion.log" | cut -c1-200)); --decode fast decodes whole images instead"
+fi
+
+# --------------------------------------------------------------------------------------
 # 7. Verify and summarise
 # --------------------------------------------------------------------------------------
 "$PY" -c '
@@ -386,6 +400,7 @@ rows = [
     ("numpy", ver("numpy") or "MISSING"),
     ("uvloop", ver("uvloop") or "not installed"),
     ("simplejpeg", ver("simplejpeg") or "not installed"),
+    ("region decoder", __import__("preprocess.jpegregion", fromlist=["status"]).status()),
     ("pyarrow", ver("pyarrow") or "not installed"),
     ("ray", ver("ray") or "not installed"),
     ("imagenet-engine", ver("imagenet-engine") or "not installed"),

@@ -1,0 +1,234 @@
+"""Region decoding of JPEGs (``_jpegregion.c``, libjpeg-turbo through ctypes): fast mode's decoder.
+
+Fast mode resizes only the crop's box of the image, so it needs only the pixels that box's resize
+reads: for a 500x375 file and Resize(256) + CenterCrop(224), a window of about 336x336. This
+library decodes that window alone (``jpeg_crop_scanline`` for the columns, ``jpeg_skip_scanlines``
+for the rows), skipping the inverse DCT, upsampling and colour conversion of the rest, at a
+reduced DCT scale where fast mode picks one. Its pixels inside the window are those of a full
+decode (``tests/test_fast_decode.py``).
+
+It is a small C file compiled against the system's libjpeg-turbo: ``scripts/setup-env.sh``
+(``make setup``) builds it, and so does::
+
+    python -m preprocess.native --build     # then: --check prints what is loaded
+
+Where it is not built (no C compiler or no libjpeg-turbo headers), fast mode decodes whole images
+through ``simplejpeg``, else Pillow: slower, same pixels up to rounding. The library's file name
+carries a hash of the C source, so a build from an older source is never loaded.
+``IMAGENET_ENGINE_REGION_DECODE=0`` turns it off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+__all__ = ["ABI", "RegionDecoder", "build", "library_path", "load", "status", "window_bytes", "work_bytes"]
+
+ABI = 3  # IE_ABI in _jpegregion.c
+DISABLE_ENV = "IMAGENET_ENGINE_REGION_DECODE"
+SOURCE = Path(__file__).with_name("_jpegregion.c")
+
+# return codes of ie_decode / ie_header
+OK, UNSUPPORTED, JPEG_ERROR, BAD_ARGS = 0, 1, 2, 3
+FASTDCT, FASTUPSAMPLE = 1, 2
+# J_COLOR_SPACE values of jpeglib.h, for ie_header's info[2]
+COLOR_SPACES = {0: "unknown", 1: "Gray", 2: "RGB", 3: "YCbCr", 4: "CMYK", 5: "YCCK"}
+ALIGN = 32  # the widest iMCU: columns libjpeg-turbo may add left of the window asked for
+ALIGN_ROWS = 64  # two of the tallest iMCU rows: rows it may add above and below
+MIN_CROP = 32  # IE_MIN_CROP: the narrowest window decoded
+
+
+class RegionError(Exception):
+    """libjpeg's error or warning on a file (``str(err)`` is its message): Pillow then decides."""
+
+
+def library_path(source: Optional[Path] = None) -> Path:
+    """Where the build of ``source`` (default :data:`SOURCE`) lives: next to it, named by the
+    source's hash and the platform."""
+    source = SOURCE if source is None else source
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    return source.with_name(f"_jpegregion-{digest}-{sys.platform}-{platform.machine()}.so")
+
+
+def build(cc: Optional[str] = None, quiet: bool = False) -> Path:
+    """Compile ``_jpegregion.c`` into :func:`library_path`; returns it. Raises RuntimeError with the
+    compiler's message when it cannot be built (no compiler, no ``jpeglib.h``, not libjpeg-turbo).
+
+    ``cc``: the compiler command (default ``$CC``, else ``cc``). The library is written to a
+    temporary name and renamed, so a process loading it meanwhile sees all of it or nothing.
+    """
+    target = library_path()
+    cc_cmd = (cc or os.environ.get("CC") or "cc").split()
+    if shutil.which(cc_cmd[0]) is None:
+        raise RuntimeError(f"no C compiler ({cc_cmd[0]!r} not found): install gcc, or set CC")
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=str(target.parent))
+    os.close(fd)
+    cmd = cc_cmd + ["-O3", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-ljpeg", "-lm"]
+    try:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if res.returncode != 0:
+            first = next((line for line in res.stdout.splitlines() if "error" in line), res.stdout.strip()[:300])
+            hint = " (install the libjpeg-turbo headers: libjpeg62-turbo-dev or libjpeg-turbo8-dev)" \
+                if "jpeglib.h" in res.stdout or "JCS_EXTENSIONS" in res.stdout else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed: {first}{hint}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not quiet:
+        print(f"built {target}")
+    return target
+
+
+class RegionDecoder:
+    """The loaded library. Thread-safe: each call has its own libjpeg state."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        lib.ie_abi.restype = ctypes.c_int
+        abi = lib.ie_abi()
+        if abi != ABI:
+            raise OSError(f"{path} has ABI {abi}, expected {ABI}: rebuild it (python -m preprocess.native --build)")
+        lib.ie_turbo_version.restype = ctypes.c_int
+        p_int = ctypes.POINTER(ctypes.c_int)
+        lib.ie_header.argtypes = [ctypes.c_char_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
+        lib.ie_header.restype = ctypes.c_int
+        lib.ie_decode.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
+        lib.ie_decode.restype = ctypes.c_int
+        lib.ie_decode_resize.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
+                                         ctypes.c_void_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
+        lib.ie_decode_resize.restype = ctypes.c_int
+        self._lib = lib
+        self.path = path
+        version = lib.ie_turbo_version()
+        self.turbo_version = (f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
+                              if version else "unknown")
+
+    def header(self, data: bytes) -> Optional[Tuple[int, int, str]]:
+        """``(width, height, colour space)`` of a JPEG, colour space as simplejpeg names it; None
+        when libjpeg cannot read the header (Pillow then gives the reason)."""
+        info = (ctypes.c_int * 5)()
+        msg = ctypes.create_string_buffer(200)
+        if self._lib.ie_header(data, len(data), info, msg, len(msg)) != OK:
+            return None
+        return info[0], info[1], COLOR_SPACES.get(info[2], "unknown")
+
+    def decode(self, data: bytes, denom: int, flags: int, window: Tuple[int, int, int, int],
+               out: np.ndarray) -> Tuple[int, int, int, int, int, int]:
+        """Decode at least ``window = (x0, y0, w, h)`` of the image scaled by ``1/denom`` as RGBX
+        into ``out`` (a contiguous uint8 buffer of :func:`window_bytes` bytes).
+
+        Returns ``(x, width, y, rows, scaled_w, scaled_h)``: the window written, widened to
+        libjpeg-turbo's units and to at least 32 pixels (``x <= x0``, ``x + width >= x0 + w``;
+        ``y <= y0``, ``y + rows >= y0 + h``), rows ``width * 4`` bytes apart; and the scaled
+        image's size. Raises RegionError
+        (libjpeg's message) for a file it refuses or warns about, ValueError for a colour space it
+        does not convert (CMYK, YCCK) and for a window that does not fit.
+        """
+        got = (ctypes.c_int * 6)()
+        msg = ctypes.create_string_buffer(200)
+        x0, y0, w, h = window
+        rc = self._lib.ie_decode(data, len(data), denom, flags, x0, y0, w, h, out.ctypes.data, out.nbytes,
+                                 got, msg, len(msg))
+        if rc == OK:
+            return got[0], got[1], got[4], got[5], got[2], got[3]
+        text = msg.value.decode("utf-8", "replace")
+        if rc == JPEG_ERROR:
+            raise RegionError(text)
+        raise ValueError(text)
+
+
+    def decode_resize(self, data: bytes, denom: int, flags: int, window: Tuple[int, int, int, int],
+                      box: Tuple[float, float, float, float], size: Tuple[int, int], resample: int,
+                      dst: np.ndarray, work: np.ndarray) -> Tuple[int, int]:
+        """Decode ``window`` as :meth:`decode` does, resize ``box`` (in the scaled image's
+        coordinates; the window holds it and the filter's reach) to ``size = (w, h)`` with Pillow's
+        filter number ``resample`` (not NEAREST) and Pillow's arithmetic, and write RGB into ``dst``:
+        a ``(h, w, 3)`` uint8 view whose pixels and channels are contiguous (rows may be apart).
+        ``work``: a contiguous uint8 buffer of :func:`work_bytes` bytes.
+
+        Returns the scaled image's ``(width, height)``. Raises as :meth:`decode`.
+        """
+        got = (ctypes.c_int * 6)()
+        msg = ctypes.create_string_buffer(200)
+        x0, y0, w, h = window
+        if dst.shape != (size[1], size[0], 3) or dst.strides[1:] != (3, 1) or dst.dtype != np.uint8:
+            raise ValueError(f"dst must be a ({size[1]}, {size[0]}, 3) uint8 view with packed pixels")
+        rc = self._lib.ie_decode_resize(data, len(data), denom, flags, x0, y0, w, h, box[0], box[1], box[2], box[3],
+                                        size[0], size[1], resample, dst.ctypes.data, dst.strides[0],
+                                        work.ctypes.data, work.nbytes, got, msg, len(msg))
+        if rc == OK:
+            return got[2], got[3]
+        text = msg.value.decode("utf-8", "replace")
+        if rc == JPEG_ERROR:
+            raise RegionError(text)
+        raise ValueError(text)
+
+
+def window_bytes(w: int, h: int) -> int:
+    """The buffer :meth:`RegionDecoder.decode` needs for a window ``w x h`` (ie_window_bytes)."""
+    return (max(w, MIN_CROP) + ALIGN) * (h + ALIGN_ROWS) * 4
+
+
+def work_bytes(window: Tuple[int, int, int, int], size: Tuple[int, int]) -> int:
+    """The work buffer :meth:`RegionDecoder.decode_resize` needs for ``window`` resized to ``size``."""
+    return window_bytes(window[2], window[3]) + size[0] * (window[3] + ALIGN_ROWS) * 4
+
+
+_LOADED: Optional[RegionDecoder] = None
+_WHY_NOT: Optional[str] = None
+_TRIED = False
+
+
+def load() -> Optional[RegionDecoder]:
+    """The region decoder, or None (see :func:`status` for why). Loaded once per process."""
+    global _LOADED, _WHY_NOT, _TRIED
+    if _TRIED:
+        return _LOADED
+    _TRIED = True
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "off", "no", "false"):
+        _WHY_NOT = f"turned off by {DISABLE_ENV}"
+        return None
+    try:
+        path = library_path()
+    except OSError as exc:
+        _WHY_NOT = f"its source {SOURCE} cannot be read ({exc})"
+        return None
+    if not path.exists():
+        _WHY_NOT = "not built (python -m preprocess.native --build, or make setup)"
+        return None
+    try:
+        _LOADED = RegionDecoder(path)
+    except (OSError, AttributeError) as exc:
+        _WHY_NOT = f"{path.name} does not load ({exc})"
+    return _LOADED
+
+
+def status() -> str:
+    """One line: which libjpeg-turbo the region decoder uses, or why there is none."""
+    dec = load()
+    if dec is not None:
+        return f"region decoder on libjpeg-turbo {dec.turbo_version} ({dec.path.name})"
+    return f"no region decoder: {_WHY_NOT}"
+
+
+def _reset() -> None:
+    """Forget what :func:`load` found (tests, and after a build in this process)."""
+    global _LOADED, _WHY_NOT, _TRIED
+    _LOADED, _WHY_NOT, _TRIED = None, None, False

@@ -1,0 +1,198 @@
+"""Fast mode's region decoder (preprocess/_jpegregion.c through preprocess/jpegregion.py).
+
+Its windows hold the same library's full-decode pixels; its resize is Pillow's within 1; the files
+it refuses or warns about go to Pillow (so fast mode fails exactly where exact mode fails); it never
+hangs on the skip pattern that hangs libjpeg-turbo 2.1.5; and the build/check command works.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from engine.synthetic import make_image
+from preprocess import decode as dec
+from preprocess import jpegregion
+
+REGION = jpegregion.load()
+needs_region = pytest.mark.skipif(REGION is None, reason=f"region decoder not built: {jpegregion.status()}")
+
+
+def _jpeg(width, height, seed=0, gray=False, **kw):
+    img = make_image(np.random.default_rng([5, seed, width, height]), width, height, label=seed % 1000)
+    if gray:
+        img = img.convert("L")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _window(data, denom, flags, win):
+    out = np.zeros(jpegregion.window_bytes(win[2], win[3]), np.uint8)
+    x, width, y, rows, sw, sh = REGION.decode(data, denom, flags, win, out)
+    return (x, width, y, rows, sw, sh), out[: width * rows * 4].reshape(rows, width, 4)[:, :, :3]
+
+
+@needs_region
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("flags", [0, jpegregion.FASTDCT | jpegregion.FASTUPSAMPLE, jpegregion.FASTUPSAMPLE])
+def test_windows_hold_the_full_decode_pixels(subsampling, progressive, flags):
+    """Inside every window, at every DCT scale: the library's own full decode, bit for bit (the
+    first and last column of a window cut inside the image may differ: fancy upsampling sees no
+    neighbour there, which is why fast mode asks for a margin)."""
+    rng = np.random.default_rng([subsampling, progressive, flags])
+    checked = 0
+    for trial in range(10):
+        w_img, h_img = int(rng.integers(17, 700)), int(rng.integers(17, 700))
+        data = _jpeg(w_img, h_img, trial, gray=trial == 3, quality=int(rng.integers(60, 98)),
+                     subsampling=subsampling, progressive=progressive)
+        for denom in (1, 2, 4, 8):
+            (_, _, _, _, sw, sh), full = _window(data, denom, flags, (0, 0, -(-w_img // denom), -(-h_img // denom)))
+            assert (sw, sh) == (-(-w_img // denom), -(-h_img // denom))
+            for _ in range(4):
+                x0, y0 = int(rng.integers(0, sw)), int(rng.integers(0, sh))
+                w, h = int(rng.integers(1, sw - x0 + 1)), int(rng.integers(1, sh - y0 + 1))
+                (x, width, y, rows, _, _), win = _window(data, denom, flags, (x0, y0, w, h))
+                assert x <= x0 and x + width >= x0 + w and y <= y0 and y0 + h <= y + rows <= sh
+                lo = 1 if x > 0 else 0
+                hi = width - 1 if x + width < sw else width
+                np.testing.assert_array_equal(win[:, lo:hi], full[y : y + rows, x + lo : x + hi])
+                checked += 1
+    assert checked == 10 * 4 * 4
+
+
+@needs_region
+def test_odd_skip_with_merged_upsampling_does_not_hang():
+    """libjpeg-turbo 2.1.5 loops forever reading after a skip of an odd number of rows with merged
+    (non-fancy) upsampling; the decoder skips whole iMCU rows only. Run in a child with a timeout."""
+    code = (
+        "import io, numpy as np; from PIL import Image; from engine.synthetic import make_image; "
+        "from preprocess import jpegregion as j; r = j.load(); "
+        "img = make_image(np.random.default_rng(0), 271, 320, 3); b = io.BytesIO(); "
+        "img.save(b, 'JPEG', quality=90, subsampling=2, progressive=True); d = b.getvalue(); "
+        "[r.decode(d, 1, j.FASTUPSAMPLE | f, (12, y, 247, 200), np.zeros(j.window_bytes(247, 200), np.uint8)) "
+        " for f in (0, j.FASTDCT) for y in (1, 37, 63, 99)]; print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@needs_region
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "box", "hamming"])
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (341, 256), (1200, 900), (2000, 60), (200, 150)])
+def test_resize_in_c_is_pillows_within_one(interpolation, size):
+    """The one-call path (window + resize in C) against the window decoded alone and resized by
+    Pillow: within 1 (16-bit weights in the vector pass; Pillow-SIMD rounds its own differently)."""
+    data = _jpeg(*size, seed=size[0], quality=90)
+    a = np.zeros((224, 224, 3), np.uint8)
+    b = np.full((224, 224, 4), 9, np.uint8)[:, :, :3]  # not packed RGB: the Pillow-resize path
+    dec.preprocess_into(data, a, 256, interpolation, "fast")
+    dec.preprocess_into(data, b, 256, interpolation, "fast")
+    d = np.abs(a.astype(np.int16) - b)
+    assert d.max() <= 1 and (d > 0).mean() < 0.03, (d.max(), (d > 0).mean())  # lanczos: ~1 %
+
+
+@needs_region
+def test_vector_and_scalar_resize_agree(monkeypatch):
+    data = [_jpeg(500, 375, 1, quality=90), _jpeg(2100, 1600, 2, quality=85), _jpeg(333, 500, 3, quality=95)]
+    outs = {}
+    for scalar in (False, True):
+        # IE_SCALAR (8) rides on the flags argument: the test-only switch of the C code
+        monkeypatch.setattr(jpegregion, "FASTDCT", 8 if scalar else 1)
+        got = []
+        for d in data:
+            out = np.zeros((224, 224, 3), np.uint8)
+            dec._preprocess_fast(d, out, 256, Image.BILINEAR, None, fastdct=scalar)
+            got.append(out)
+        outs[scalar] = np.stack(got)
+    d = np.abs(outs[False].astype(np.int16) - outs[True])
+    assert d.max() <= 1 and (d > 0).mean() < 0.01
+
+
+@needs_region
+def test_fast_mode_uses_it_and_matches_the_whole_image_path(monkeypatch):
+    data = _jpeg(500, 375, 7, quality=90)
+    calls = []
+    real = REGION.decode_resize
+    monkeypatch.setattr(REGION, "decode_resize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = np.zeros((224, 224, 3), np.uint8)
+    dec.preprocess_into(data, a, 256, "bilinear", "fast")
+    assert calls == [1]
+    monkeypatch.setattr(dec, "_REGION", None)  # the simplejpeg (or Pillow) path: whole image, Pillow resize
+    b = np.zeros((224, 224, 3), np.uint8)
+    dec.preprocess_into(data, b, 256, "bilinear", "fast")
+    d = np.abs(a.astype(np.int16) - b)
+    assert d.max() <= 1 and (d > 0).mean() < 0.01
+
+
+@needs_region
+@pytest.mark.parametrize("cut", [0.3, 0.97])
+def test_damage_below_the_window_is_seen(cut):
+    """A file cut inside the rows under the crop (0.97) fails in fast mode as in exact mode: the
+    rows after the window are entropy-decoded to the end."""
+    full = _jpeg(375, 500, 4, quality=92)
+    data = full[: int(len(full) * cut)]
+    reasons = []
+    for mode in ("exact", "fast"):
+        try:
+            dec.preprocess_into(data, np.zeros((224, 224, 3), np.uint8), 256, "bilinear", mode)
+            reasons.append(None)
+        except dec.DecodeError as e:
+            reasons.append(str(e))
+    assert reasons[0] is not None and reasons[0] == reasons[1], reasons
+    with pytest.raises(jpegregion.RegionError):
+        _window(data, 1, 0, (80, 80, 200, 200))
+
+
+def test_status_says_why_when_not_built(monkeypatch, tmp_path):
+    src = tmp_path / "_jpegregion.c"
+    src.write_text(jpegregion.SOURCE.read_text() + "\n/* another source */\n")
+    monkeypatch.setattr(jpegregion, "SOURCE", src)
+    jpegregion._reset()
+    try:
+        assert jpegregion.load() is None
+        assert "not built" in jpegregion.status() and "preprocess.native --build" in jpegregion.status()
+        monkeypatch.setenv(jpegregion.DISABLE_ENV, "0")
+        jpegregion._reset()
+        assert jpegregion.load() is None and "turned off" in jpegregion.status()
+    finally:
+        monkeypatch.undo()
+        jpegregion._reset()
+        jpegregion.load()
+
+
+def test_build_failures_are_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(jpegregion, "SOURCE", tmp_path / "_jpegregion.c")
+    (tmp_path / "_jpegregion.c").write_text("#include <no_such_header_here.h>\n")
+    with pytest.raises(RuntimeError, match="failed"):
+        jpegregion.build(quiet=True)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        jpegregion.build(cc="no-such-cc-here", quiet=True)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_native_build_and_check_commands(tmp_path):
+    """`python -m preprocess.native --build --check` on a copy of the package: builds, loads, says so."""
+    pkg = tmp_path / "preprocess"
+    shutil.copytree(os.path.join(ROOT, "preprocess"), pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "engine"), tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "preprocess.native", "--check"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "not built" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "preprocess.native", "--build", "--check"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "jpeglib.h" in r.stderr:
+        pytest.skip("no libjpeg-turbo headers here")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "region decoder on libjpeg-turbo" in r.stdout and len(list(pkg.glob("_jpegregion-*.so"))) == 1
