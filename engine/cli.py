@@ -72,10 +72,10 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", metavar="A,B,C", help="normalisation mean (preset: 0.485,0.456,0.406)")
     g.add_argument("--std", metavar="A,B,C", help="normalisation std (preset: 0.229,0.224,0.225)")
     g.add_argument("--decode", choices=DECODE_MODES, default=None,
-                   help="exact (pixels identical to torchvision's transforms, the default) or fast (reduced-DCT "
-                        "JPEG decode where the image is large enough, libjpeg-turbo via simplejpeg, resize of the "
-                        "crop box only: about 1.3x per worker, top-1 agreement 99.5%% on synthetic images; "
-                        "see README, Profiling)")
+                   help="exact (pixels identical to torchvision's transforms, the default) or fast (libjpeg-turbo "
+                        "decodes only the window the centre crop's resize reads, at a reduced DCT scale where the "
+                        "image is large enough, and resizes it in C: about 1.4x exact per worker, top-1 agreement "
+                        "99.7%% on synthetic images; see README, Profiling)")
 
 
 def positive_int_or_auto(text: str) -> int:

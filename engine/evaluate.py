@@ -151,6 +151,7 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
                              backend_info.get("backend", cfg.backend), usable_cores()),
         "decode_mode": cfg.preprocess.decode,
+        "decoder": _decoder(cfg.preprocess.decode),
         "autotune": tuning or {},  # --workers auto / --batch-size auto: choices and reasons
         "per_class": metrics.per_class(ds.class_names),
         "backend": backend_info,
@@ -249,3 +250,10 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     if stopped is not None:
         return report, 128 + stopped
     return report, EXIT_FAILED_IMAGES if metrics.failed else EXIT_OK
+
+
+def _decoder(mode: str) -> str:
+    """What decodes JPEGs in `mode` (the workers load the same libraries as this process)."""
+    from preprocess.decode import decoder
+
+    return decoder(mode)

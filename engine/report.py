@@ -89,6 +89,8 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
                      f" | compute+D2H {st['compute_s']:.2f} s | reduce {st['reduce_s']:.3f} s (sums over batches)")
         lines.append(f"  decode        {st['decode_s']:.2f} s of worker time, {st['decode_img_per_s_per_worker']:,.1f}"
                      f" img/s per busy worker, loop {report['loop']}")
+    if report.get("decoder"):
+        lines.append(f"  decoder       {report['decoder']}")
     for name, choice in (report.get("autotune") or {}).items():
         lines.append(f"  auto          --{name.replace('_', '-')} {choice['value']}: {choice['reason']}")
     if report["failed"]:

@@ -189,3 +189,4 @@ def test_run_eval_reports_the_decode_mode(folder_set, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["decode_mode"] == "fast" and rep["config"]["preprocess"]["decode"] == "fast"
     assert "fast decode" in r.stdout and rep["images"] == 48
+    assert rep["decoder"] == dec.decoder("fast") and f"decoder       {rep['decoder']}" in r.stdout
