@@ -7,7 +7,8 @@
       libjpeg-turbo simplejpeg.decode_jpeg (Pillow for the files it refuses), default options
       libjpeg-turbo fastdct + fastupsample (its fastest: less accurate IDCT and chroma upsampling)
   preprocessing, per core (decode + resize + crop into a buffer, likewise): exact, fast, fast with
-      libjpeg-turbo's fast options (the further step, off by default)
+      libjpeg-turbo's fast options (off: they change 5-8 % of top-1 predictions), fast decoding whole
+      images (simplejpeg, Pillow's resize: what fast mode does where the region decoder is not built)
   the pool, per worker: images / busy seconds of each worker (the workers' own clocks), sim
       backend at 0 ms, exact and fast
   torchvision DataLoader (ImageFolder + Resize/CenterCrop/ToTensor/Normalize, this venv's Pillow),
@@ -16,11 +17,13 @@
       EfficientNet-Lite0 when its wheel is installed, else the proxy); --data DIR runs all of this on
       your own images instead of the synthetic set.
 
-Per core: per image, every contender in turn, --repeat rounds, the median time per image (so that
-contenders share the same moments and a spike of load from other processes drops out). The pool
-and the DataLoader: the best of --repeat runs, interleaved. Targets (issue 4): exact pool per
-worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact pool per worker
-and >= 0.8 x the fastest libjpeg-turbo decode-only rate.
+--repeat rounds, each: per core, per image, every contender in turn (they share the same moments);
+then one pool run per mode (order alternating). Figures and ratios are medians over the rounds, each
+ratio taken within a round, since this machine's speed drifts by 20 % and more over minutes. The
+DataLoader: the best of --repeat runs. Targets (issue 4):
+exact pool per worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact
+pool per worker and >= 0.8 x the fastest libjpeg-turbo decode-only rate (printed against both its
+fast options and the accurate settings fast mode itself uses).
 """
 
 from __future__ import annotations
@@ -77,6 +80,17 @@ def _contenders():
         except DecodeError:
             pass
 
+    def fast_whole(d):  # fast mode without the region decoder: simplejpeg decodes the whole image
+        import preprocess.decode as dec
+
+        region, dec._REGION = dec._REGION, None
+        try:
+            preprocess_into(d, out, 256, "bilinear", "fast")
+        except DecodeError:
+            pass
+        finally:
+            dec._REGION = region
+
     return {
         "decode Pillow": pillow,
         "decode libjpeg-turbo": turbo(),
@@ -84,6 +98,7 @@ def _contenders():
         "preprocess exact": prep("exact"),
         "preprocess fast": prep("fast"),
         "preprocess fast + libjpeg-turbo fast options": fast_opts,
+        "preprocess fast, whole image (no region decoder)": fast_whole,
     }
 
 
@@ -135,59 +150,79 @@ def pool_per_worker(data: str, workers: int, batch: int, limit: int, mode: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=300, help="synthetic ImageNet-like images (default: %(default)s)")
+    p.add_argument("--images", type=int, default=300, help="images per core contenders decode (default: %(default)s)")
+    p.add_argument("--pool-images", type=int, default=1200,
+                   help="images per pool run (default: %(default)s; runs of a second or less mostly measure "
+                        "this machine's drift)")
     p.add_argument("--data", help="your own images (an ImageFolder, or any folder of images) instead")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3, help="rounds per image (per core), runs (pool, DataLoader)")
+    p.add_argument("--repeat", type=int, default=5, help="rounds per image (per core), runs (pool, DataLoader)")
     p.add_argument("--no-dataloader", action="store_true", help="skip the torchvision DataLoader baseline")
     p.add_argument("--agreement", action="store_true", help="also top-1 agreement, fast against exact")
     a = p.parse_args(argv)
-    data = a.data or bench_data(600)
+    data = a.data or bench_data(max(600, a.pool_images))
     paths = _files(data, a.images)
     import PIL
     import simplejpeg
 
-    rates = per_core(paths, a.repeat, a.workers)
-    pool = {"exact": (0.0, 0.0), "fast": (0.0, 0.0)}
-    dl = 0.0
-    for _ in range(a.repeat):  # interleaved: drift on a shared machine hits every contender alike
-        for mode in ("exact", "fast"):
-            w, total = pool_per_worker(data, a.workers, a.batch_size, len(paths), mode)
-            pool[mode] = (max(pool[mode][0], w), max(pool[mode][1], total))
+    # Rounds: each measures every per-core contender once per image, then the pool in both modes
+    # (order alternating), so that each ratio compares figures taken minutes apart at most; the
+    # figures and ratios printed are medians over the rounds (this machine's speed drifts by 20 %
+    # and more over minutes: a ratio of figures from different moments would mostly measure that).
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    rounds, dl = [], 0.0
+    for i in range(a.repeat):
+        r = {"per_core": per_core(paths, 1, a.workers)}
+        for mode in ("exact", "fast") if i % 2 == 0 else ("fast", "exact"):
+            r[mode] = pool_per_worker(data, a.workers, a.batch_size, a.pool_images, mode)
+        rounds.append(r)
         if not a.no_dataloader:
             from bench_pool import dataloader
 
             dl = max(dl, dataloader(data, a.workers, a.batch_size, len(paths))[0])
-    pillow, turbo = rates["decode Pillow"], rates["decode libjpeg-turbo"]
-    fastest = max(turbo, rates["decode libjpeg-turbo fastdct+fastupsample"])
-    ex, fa = pool["exact"][0], pool["fast"][0]
+    rates = {k: median([r["per_core"][k] for r in rounds]) for k in rounds[0]["per_core"]}
+    pool = {m: (median([r[m][0] for r in rounds]), median([r[m][1] for r in rounds])) for m in ("exact", "fast")}
+
+    def ratio(fn):
+        return median([fn(r["per_core"], r["exact"][0], r["fast"][0]) for r in rounds])
+
+    fastest_of = lambda pc: max(pc["decode libjpeg-turbo"], pc["decode libjpeg-turbo fastdct+fastupsample"])  # noqa: E731
+    pillow = rates["decode Pillow"]
     print(f"{len(paths)} images from {data}; Pillow {PIL.__version__}, simplejpeg {simplejpeg.__version__}; "
-          f"best of {a.repeat}")
+          f"medians of {a.repeat} rounds")
     print(f"per core ({a.workers} processes at once, as many as the pool's workers):")
     for k, v in rates.items():
-        print(f"  {k:46s} {v:8.1f} img/s   x{v / pillow:4.2f} of Pillow decode-only")
-    print(f"pool, {a.workers} workers, batch {a.batch_size}, sim 0 ms (per worker = images / busy s, workers' clocks):")
+        print(f"  {k:50s} {v:8.1f} img/s   x{v / pillow:4.2f} of Pillow decode-only")
+    print(f"pool, {a.workers} workers, batch {a.batch_size}, {a.pool_images} images, sim 0 ms (per worker = images / "
+          f"busy s, workers' clocks):")
     for mode in ("exact", "fast"):
         print(f"  {mode:6s} {pool[mode][0]:8.1f} img/s per worker  ({pool[mode][1]:8.1f} img/s in all)")
     if dl:
         print(f"  torchvision DataLoader, same workers: {dl:8.1f} img/s in all, {dl / a.workers:8.1f} per worker")
-    ratios = {
-        "exact_pool_per_worker / pillow_decode_only": ex / pillow,
-        "fast_pool_per_worker / exact_pool_per_worker": fa / ex,
-        "fast_pool_per_worker / turbo_decode_only": fa / turbo,
-        "fast_pool_per_worker / fastest_turbo_decode_only": fa / fastest,
-        "fast_preprocess / exact_preprocess (per core)": rates["preprocess fast"] / rates["preprocess exact"],
+    print("  fast / exact per worker, round by round: " + ", ".join(f"{r['fast'][0] / r['exact'][0]:.2f}" for r in rounds))
+    ratios = {  # each the median over the rounds of the ratio within a round
+        "exact_pool_per_worker / pillow_decode_only": ratio(lambda pc, ex, fa: ex / pc["decode Pillow"]),
+        "fast_pool_per_worker / exact_pool_per_worker": ratio(lambda pc, ex, fa: fa / ex),
+        "fast_pool_per_worker / turbo_decode_only": ratio(lambda pc, ex, fa: fa / pc["decode libjpeg-turbo"]),
+        "fast_pool_per_worker / fastest_turbo_decode_only": ratio(lambda pc, ex, fa: fa / fastest_of(pc)),
+        "fast_preprocess / exact_preprocess (per core)": ratio(
+            lambda pc, ex, fa: pc["preprocess fast"] / pc["preprocess exact"]),
+        "fast_preprocess / fastest_turbo_decode_only (per core)": ratio(
+            lambda pc, ex, fa: pc["preprocess fast"] / fastest_of(pc)),
     }
     if dl:
         ratios["exact_pool / dataloader"] = pool["exact"][1] / dl
         ratios["fast_pool / dataloader"] = pool["fast"][1] / dl
+    # "the fastest decode-only rate (libjpeg-turbo)": with its fast options, and with the accurate
+    # IDCT and upsampling fast mode itself must use (the fast options change 5-8 % of top-1
+    # predictions, README "Profiling"); both are held to the issue's 0.8
     targets = {"exact_pool_per_worker / pillow_decode_only": 0.85, "fast_pool_per_worker / exact_pool_per_worker": 1.2,
-               "fast_pool_per_worker / fastest_turbo_decode_only": 0.8}
+               "fast_pool_per_worker / fastest_turbo_decode_only": 0.8, "fast_pool_per_worker / turbo_decode_only": 0.8}
     print("ratios:")
     for k, v in ratios.items():
         t = targets.get(k)
-        print(f"  {k:48s} {v:5.2f}" + (f"  (target >= {t}: {'met' if v >= t else 'NOT met'})" if t else ""))
+        print(f"  {k:50s} {v:5.2f}" + (f"  (target >= {t}: {'met' if v >= t else 'NOT met'})" if t else ""))
     agree = None
     if a.agreement:
         from engine.agreement import agreement
@@ -196,7 +231,7 @@ def main(argv=None) -> int:
         print(f"top-1 agreement, fast against exact: {agree['agreement_pct']:.2f} % ({agree['changed']} of "
               f"{agree['images']} changed; {agree['distinct_predictions']} distinct classes predicted) with "
               f"{agree['model']}")
-    result_block("decode", images=len(paths), data=data, workers=a.workers, batch=a.batch_size, repeat=a.repeat,
+    result_block("decode", images=len(paths), pool_images=a.pool_images, data=data, workers=a.workers, batch=a.batch_size, repeat=a.repeat,
                  per_core=rates, pool_per_worker={m: v[0] for m, v in pool.items()},
                  pool_total={m: v[1] for m, v in pool.items()}, dataloader=dl, ratios=ratios,
                  agreement=agree, pillow=PIL.__version__, simplejpeg=simplejpeg.__version__)
