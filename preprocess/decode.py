@@ -66,9 +66,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from preprocess.geometry import crop_placement, resized_size
-
 from preprocess import jpegregion
+from preprocess.geometry import crop_placement, resized_size
 
 try:  # libjpeg-turbo without Pillow's per-scanline overhead; optional (the `fast` extra)
     import simplejpeg

@@ -89,14 +89,19 @@ def test_odd_skip_with_merged_upsampling_does_not_hang():
 @needs_region
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "box", "hamming"])
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (341, 256), (1200, 900), (2000, 60), (200, 150)])
-def test_resize_in_c_is_pillows_within_one(interpolation, size):
+def test_resize_in_c_is_pillows_within_one(interpolation, size, monkeypatch):
     """The one-call path (window + resize in C) against the window decoded alone and resized by
     Pillow: within 1 (16-bit weights in the vector pass; Pillow-SIMD rounds its own differently)."""
     data = _jpeg(*size, seed=size[0], quality=90)
+    done = []
+    real = REGION.decode_resize
+    monkeypatch.setattr(REGION, "decode_resize", lambda *a, **k: done.append(real(*a, **k)) or done[-1])
     a = np.zeros((224, 224, 3), np.uint8)
     b = np.full((224, 224, 4), 9, np.uint8)[:, :, :3]  # not packed RGB: the Pillow-resize path
     dec.preprocess_into(data, a, 256, interpolation, "fast")
+    assert len(done) == 1  # the C resize ran and returned (no fallback to Pillow)
     dec.preprocess_into(data, b, 256, interpolation, "fast")
+    assert len(done) == 1
     d = np.abs(a.astype(np.int16) - b)
     assert d.max() <= 1 and (d > 0).mean() < 0.03, (d.max(), (d > 0).mean())  # lanczos: ~1 %
 
