@@ -75,7 +75,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="exact (pixels identical to torchvision's transforms, the default) or fast (libjpeg-turbo "
                         "decodes only the window the centre crop's resize reads, at a reduced DCT scale where the "
                         "image is large enough, and resizes it in C: about 1.4x exact per worker, top-1 agreement "
-                        "99.7%% on synthetic images; see README, Profiling)")
+                        "99.6%% on synthetic images; see README, Profiling)")
 
 
 def positive_int_or_auto(text: str) -> int:
