@@ -4,8 +4,9 @@ Fast mode resizes only the crop's box of the image, so it needs only the pixels 
 reads: for a 500x375 file and Resize(256) + CenterCrop(224), a window of about 336x336. This
 library decodes that window alone (``jpeg_crop_scanline`` for the columns, ``jpeg_skip_scanlines``
 for the rows), skipping the inverse DCT, upsampling and colour conversion of the rest, at a
-reduced DCT scale where fast mode picks one. Its pixels inside the window are those of a full
-decode (``tests/test_fast_decode.py``).
+reduced DCT scale where fast mode picks one, and can resize the crop's box of it with Pillow's
+filters and weights straight into the caller's RGB buffer. Its pixels inside the window are those
+of a full decode by the same library (``tests/test_jpegregion.py``).
 
 It is a small C file compiled against the system's libjpeg-turbo: ``scripts/setup-env.sh``
 (``make setup``) builds it, and so does::
@@ -137,9 +138,9 @@ class RegionDecoder:
         Returns ``(x, width, y, rows, scaled_w, scaled_h)``: the window written, widened to
         libjpeg-turbo's units and to at least 32 pixels (``x <= x0``, ``x + width >= x0 + w``;
         ``y <= y0``, ``y + rows >= y0 + h``), rows ``width * 4`` bytes apart; and the scaled
-        image's size. Raises RegionError
-        (libjpeg's message) for a file it refuses or warns about, ValueError for a colour space it
-        does not convert (CMYK, YCCK) and for a window that does not fit.
+        image's size. Raises RegionError (libjpeg's message) for a file it refuses or warns about,
+        ValueError for a colour space it does not convert (CMYK, YCCK) and for a window that does
+        not fit.
         """
         got = (ctypes.c_int * 6)()
         msg = ctypes.create_string_buffer(200)
@@ -152,7 +153,6 @@ class RegionDecoder:
         if rc == JPEG_ERROR:
             raise RegionError(text)
         raise ValueError(text)
-
 
     def decode_resize(self, data: bytes, denom: int, flags: int, window: Tuple[int, int, int, int],
                       box: Tuple[float, float, float, float], size: Tuple[int, int], resample: int,
