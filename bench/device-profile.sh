@@ -9,7 +9,8 @@
 #      $WORKERS workers, with --trace; then --workers auto --batch-size auto
 #
 # Results (reports, traces, logs) go to $OUT (default /tmp/device-profile). Needs torch,
-# torchvision, numpy, Pillow; simplejpeg for the fast path (else fast mode uses Pillow's draft).
+# torchvision, numpy, Pillow; cc and the libjpeg-turbo headers for fast mode's region decoder
+# (built here when missing), else simplejpeg (else fast mode uses Pillow's draft).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -45,6 +46,10 @@ except ImportError:
 print(f"torch {torch.__version__}, Pillow {PIL.__version__}, numpy {numpy.__version__}, simplejpeg {sj}, "
       f"cores {len(os.sched_getaffinity(0))}, cuda {torch.cuda.is_available() and torch.cuda.get_device_name(0)}")
 EOF
+
+step "region decoder"
+"$PY" -m preprocess.native --check || "$PY" -m preprocess.native --build --check \
+    || echo "no region decoder: fast mode decodes whole images"
 
 if [ -n "${DATA:-}" ]; then
     step "data: $DATA (given)"
