@@ -20,10 +20,10 @@
 --repeat rounds, each: per core, per image, every contender in turn (they share the same moments);
 then one pool run per mode (order alternating). Figures and ratios are medians over the rounds, each
 ratio taken within a round, since this machine's speed drifts by 20 % and more over minutes. The
-DataLoader: the best of --repeat runs. Targets (issue 4):
-exact pool per worker >= 0.85 x Pillow decode-only per core; fast pool per worker >= 1.2 x exact
-pool per worker and >= 0.8 x the fastest libjpeg-turbo decode-only rate (printed against both its
-fast options and the accurate settings fast mode itself uses).
+DataLoader: the best of --repeat runs. Targets (issue 4): exact pool per worker >= 0.85 x Pillow
+decode-only per core; fast pool per worker >= 1.2 x exact pool per worker and >= 0.8 x the fastest
+libjpeg-turbo decode-only rate (printed against both its fast options and the accurate settings
+fast mode itself uses).
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="your own images (an ImageFolder, or any folder of images) instead")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5, help="rounds per image (per core), runs (pool, DataLoader)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="rounds (each: the per-core contenders once per image, one pool run per mode), and "
+                        "DataLoader runs (default: %(default)s)")
     p.add_argument("--no-dataloader", action="store_true", help="skip the torchvision DataLoader baseline")
     p.add_argument("--agreement", action="store_true", help="also top-1 agreement, fast against exact")
     a = p.parse_args(argv)
