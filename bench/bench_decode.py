@@ -6,7 +6,9 @@
       Pillow        Image.open(f).convert("RGB"), what the reference and exact mode decode with
       libjpeg-turbo simplejpeg.decode_jpeg (Pillow for the files it refuses), default options
       libjpeg-turbo fastdct + fastupsample (its fastest: less accurate IDCT and chroma upsampling)
-  preprocessing, per core (decode + resize + crop into a buffer, likewise): exact, fast, fast with
+  preprocessing, per core (decode + resize + crop into a buffer, likewise): exact, exact with
+      Pillow's decoder (IMAGENET_ENGINE_EXACT_DECODER=pillow: exact mode before it moved to
+      libjpeg-turbo, same pixels), fast, fast with
       libjpeg-turbo's fast options (off: they change 5-8 % of top-1 predictions), fast decoding whole
       images (simplejpeg, Pillow's resize: what fast mode does where the region decoder is not built)
   the pool, per worker: images / busy seconds of each worker (the workers' own clocks), sim
@@ -91,11 +93,23 @@ def _contenders():
         finally:
             dec._REGION = region
 
+    def exact_pillow(d):  # exact mode as the issue met it: Pillow decodes every file
+        import preprocess.decode as dec
+
+        turbo, dec._EXACT_TURBO = dec._EXACT_TURBO, False
+        try:
+            preprocess_into(d, out, 256, "bilinear", "exact")
+        except DecodeError:
+            pass
+        finally:
+            dec._EXACT_TURBO = turbo
+
     return {
         "decode Pillow": pillow,
         "decode libjpeg-turbo": turbo(),
         "decode libjpeg-turbo fastdct+fastupsample": turbo(fastdct=True, fastupsample=True),
         "preprocess exact": prep("exact"),
+        "preprocess exact, Pillow's decoder": exact_pillow,
         "preprocess fast": prep("fast"),
         "preprocess fast + libjpeg-turbo fast options": fast_opts,
         "preprocess fast, whole image (no region decoder)": fast_whole,
@@ -195,7 +209,7 @@ def main(argv=None) -> int:
           f"medians of {a.repeat} rounds")
     print(f"per core ({a.workers} processes at once, as many as the pool's workers):")
     for k, v in rates.items():
-        print(f"  {k:50s} {v:8.1f} img/s   x{v / pillow:4.2f} of Pillow decode-only")
+        print(f"  {k:52s} {v:8.1f} img/s   x{v / pillow:4.2f} of Pillow decode-only")
     print(f"pool, {a.workers} workers, batch {a.batch_size}, {a.pool_images} images, sim 0 ms (per worker = images / "
           f"busy s, workers' clocks):")
     for mode in ("exact", "fast"):
@@ -212,6 +226,8 @@ def main(argv=None) -> int:
             lambda pc, ex, fa: pc["preprocess fast"] / pc["preprocess exact"]),
         "fast_preprocess / fastest_turbo_decode_only (per core)": ratio(
             lambda pc, ex, fa: pc["preprocess fast"] / fastest_of(pc)),
+        "fast_preprocess / exact_preprocess with Pillow's decoder (per core)": ratio(
+            lambda pc, ex, fa: pc["preprocess fast"] / pc["preprocess exact, Pillow's decoder"]),
     }
     if dl:
         ratios["exact_pool / dataloader"] = pool["exact"][1] / dl
@@ -224,7 +240,7 @@ def main(argv=None) -> int:
     print("ratios:")
     for k, v in ratios.items():
         t = targets.get(k)
-        print(f"  {k:50s} {v:5.2f}" + (f"  (target >= {t}: {'met' if v >= t else 'NOT met'})" if t else ""))
+        print(f"  {k:52s} {v:5.2f}" + (f"  (target >= {t}: {'met' if v >= t else 'NOT met'})" if t else ""))
     agree = None
     if a.agreement:
         from engine.agreement import agreement
