@@ -74,7 +74,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode", choices=DECODE_MODES, default=None,
                    help="exact (pixels identical to torchvision's transforms, the default) or fast (libjpeg-turbo "
                         "decodes only the window the centre crop's resize reads, at a reduced DCT scale where the "
-                        "image is large enough, and resizes it in C: about 1.4x exact per worker, top-1 agreement "
+                        "image is large enough, and resizes it in C: 1.1-1.3x exact per worker here, top-1 agreement "
                         "99.6%% on synthetic images; see README, Profiling)")
 
 
