@@ -35,7 +35,7 @@
 #endif
 
 /* Bumped whenever a signature or a meaning below changes; checked by jpegregion.py. */
-#define IE_ABI 3
+#define IE_ABI 4
 
 /* Return codes */
 #define IE_OK 0
@@ -158,8 +158,39 @@ int ie_header(const unsigned char *data, unsigned long size, int *info, char *ms
  * rows are got[1] * 4 bytes apart. got[2], got[3]: the scaled image's width and height. out must hold (max(w, 32) + 32) * (h + 64) * 4 bytes (32:
  * the widest iMCU; 64: two of the tallest iMCU rows).
  */
+static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
+                       int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
+                       char *msg, int msglen);
+
 int ie_decode(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0, int w,
               int h, unsigned char *out, unsigned long out_size, int *got, char *msg, int msglen)
+{
+  return ie_decode_at(data, size, denom, flags, x0, y0, w, h, out, out_size, 0, got, msg, msglen);
+}
+
+/*
+ * ie_decode(), but the window's pixels land where they are in the whole (scaled) image: out is an
+ * RGBX image of the scaled size with rows out_stride bytes apart (at least width * 4), and row r,
+ * column c of the image is written at out + r * out_stride + c * 4. Pixels outside the window are
+ * left as they were. Exact mode uses it: Pillow's resize of that image, cropped, reads only window
+ * pixels.
+ */
+int ie_decode_placed(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
+                     int w, int h, unsigned char *out, unsigned long out_size, long out_stride, int *got,
+                     char *msg, int msglen)
+{
+  if (out_stride <= 0) {
+    ie_set_message(msg, msglen, "out_stride must be positive");
+    return IE_BAD_ARGS;
+  }
+  return ie_decode_at(data, size, denom, flags, x0, y0, w, h, out, out_size, (size_t)out_stride, got, msg,
+                      msglen);
+}
+
+/* placed_stride 0: the window packed at out (ie_decode); else placed in the image (ie_decode_placed) */
+static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
+                       int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
+                       char *msg, int msglen)
 {
   struct jpeg_decompress_struct cinfo;
   struct ie_error err;
@@ -209,7 +240,9 @@ int ie_decode(const unsigned char *data, unsigned long size, int denom, int flag
     ie_set_message(msg, msglen, "region outside the scaled image");
     return IE_BAD_ARGS;
   }
-  if (ie_window_bytes(w, h) > out_size) {
+  if (placed_stride ? (placed_stride < (size_t)cinfo.output_width * 4 ||
+                       placed_stride * cinfo.output_height > out_size)
+                    : ie_window_bytes(w, h) > out_size) {
     jpeg_destroy_decompress(&cinfo);
     ie_set_message(msg, msglen, "output buffer too small");
     return IE_BAD_ARGS;
@@ -255,7 +288,9 @@ int ie_decode(const unsigned char *data, unsigned long size, int denom, int flag
     if (n > 16)
       n = 16;
     for (i = 0; i < n; i++)
-      rows[i] = out + (size_t)(cinfo.output_scanline - start + (JDIMENSION)i) * stride;
+      rows[i] = placed_stride
+                    ? out + (size_t)(cinfo.output_scanline + (JDIMENSION)i) * placed_stride + (size_t)xoff * 4
+                    : out + (size_t)(cinfo.output_scanline - start + (JDIMENSION)i) * stride;
     if (jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)n) == 0)
       goto no_rows;
   }

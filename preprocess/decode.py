@@ -11,10 +11,13 @@ Exact mode is the reference. For the same Pillow the pixels written by
     img = CenterCrop((crop_h, crop_w))(img)
     np.asarray(img)
 
-YCbCr/RGB JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with
-Pillow's own settings (accurate integer IDCT, fancy upsampling), which gives
-Pillow's pixels bit for bit and is faster (``_exact_jpeg``); everything else,
-and every file it refuses, is decoded by Pillow, so failures are Pillow's.
+YCbCr/RGB JPEGs are decoded by libjpeg-turbo with Pillow's own settings
+(accurate integer IDCT, fancy upsampling), which gives Pillow's pixels bit for
+bit and is faster: where the region decoder (:mod:`preprocess.jpegregion`) is
+built, only the window that the crop of the full-image resize reads is decoded,
+into an image-sized buffer (``_exact_jpeg_window``); else the whole image
+through ``simplejpeg`` (``_exact_jpeg``). Everything else, and every file they
+refuse, is decoded by Pillow, so failures are Pillow's.
 No EXIF rotation (the loader does none). The shorter side is resized with
 ``Image.resize((w, h), filter)`` and the resize is skipped when the size
 already matches, as torchvision does; where the crop is larger than the
@@ -185,7 +188,11 @@ def _preprocess_exact(
     data: bytes, out: np.ndarray, resize: ResizeSpec, resample: int, max_pixels: Optional[int]
 ) -> None:
     """Exact mode: full decode, full resize, crop; identical to torchvision."""
-    img = _exact_jpeg(data, max_pixels) if _EXACT_TURBO and data[:3] == b"\xff\xd8\xff" else None
+    img = None
+    if _EXACT_TURBO and data[:3] == b"\xff\xd8\xff":
+        img = _exact_jpeg_window(data, out, resize, resample, max_pixels) if _REGION is not None else None
+        if img is None:
+            img = _exact_jpeg(data, max_pixels)
     if img is None:
         img = _load_rgb(_open(data, max_pixels))
     width, height = img.size
@@ -247,6 +254,56 @@ _SIMPLEJPEG_SPACES = ("YCbCr", "Gray", "RGB")
 _EXACT_TURBO = simplejpeg is not None and os.environ.get("IMAGENET_ENGINE_EXACT_DECODER", "") != "pillow"
 # Fast mode's decoder of JPEG windows, None where it is not built (preprocess/jpegregion.py).
 _REGION = jpegregion.load()
+
+
+def _exact_jpeg_window(
+    data: bytes, out: np.ndarray, resize: ResizeSpec, resample: int, max_pixels: Optional[int]
+) -> Optional[Image.Image]:
+    """The image exact mode resizes, with only the pixels its crop reads decoded; None where
+    :func:`_exact_jpeg` or Pillow must decode it instead.
+
+    The region decoder writes the window that the centre crop of the full-image resize reads into
+    an image-sized RGBX buffer, at its place; the rest of the buffer is stale. Pillow's resize of
+    the whole image then computes every output pixel as before, and those inside the crop read
+    window pixels only (the window holds the filter's reach plus :data:`_MARGIN`), which are the
+    full decode's bit for bit; the others are cropped away. Same pixels as a full decode, without
+    the inverse DCT, upsampling and colour conversion of the rest (tests/test_jpegregion.py).
+    """
+    if resample == _Resampling.NEAREST:
+        return None  # Pillow's nearest resize is another code path: not worth a second analysis
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    header = _REGION.header(data)
+    if header is None:
+        return None
+    width, height, space = header
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if space not in ("YCbCr", "RGB") or width < 1 or height < 1 or (limit and width * height > limit):
+        return None
+    size = resized_size(width, height, resize)
+    (left, top, right, bottom), _ = crop_placement(size[0], size[1], out.shape[0], out.shape[1])
+    if size == (width, height):
+        box, reach_x, reach_y = (left, top, right, bottom), 0.0, 0.0
+    else:
+        _check_resized(size, max_pixels)
+        fx, fy = width / size[0], height / size[1]
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        support = _SUPPORT[resample]
+        reach_x, reach_y = support * max(1.0, fx), support * max(1.0, fy)
+    x0 = max(0, int(math.floor(box[0] - reach_x)) - _MARGIN)
+    y0 = max(0, int(math.floor(box[1] - reach_y)) - _MARGIN)
+    x1 = min(width, int(math.ceil(box[2] + reach_x)) + _MARGIN)
+    y1 = min(height, int(math.ceil(box[3] + reach_y)) + _MARGIN)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    buf = _scratch(width * height * 4)
+    try:
+        got = _REGION.decode_placed(data, (x0, y0, x1 - x0, y1 - y0), buf, width * 4)
+    except (jpegregion.RegionError, ValueError):
+        return None  # simplejpeg or Pillow decodes it, or Pillow gives the reason
+    if got[4:] != (width, height):
+        return None
+    return Image.frombuffer("RGBX", (width, height), buf, "raw", "RGBX", 0, 1)
 
 
 def _exact_jpeg(data: bytes, max_pixels: Optional[int]) -> Optional[Image.Image]:
@@ -458,6 +515,9 @@ def decoder(mode: str) -> str:
         if simplejpeg is not None:
             return f"whole JPEGs by libjpeg-turbo via simplejpeg (region decoder {why}); Pillow for the rest"
         return f"Pillow with draft() (no simplejpeg; region decoder {why})"
+    if _EXACT_TURBO and _REGION is not None:
+        return (f"YCbCr/RGB JPEGs: the window the crop reads by libjpeg-turbo {_REGION.turbo_version} (region "
+                f"decoder), Pillow's settings and resize; Pillow for the rest")
     if _EXACT_TURBO:
         return "YCbCr/RGB JPEGs by libjpeg-turbo via simplejpeg with Pillow's settings; Pillow for the rest"
     return "Pillow"
@@ -523,7 +583,7 @@ def _check_resized(size: Tuple[int, int], max_pixels: Optional[int]) -> None:
 
 
 def _write_center_crop(img: Image.Image, out: np.ndarray) -> None:
-    """Write ``CenterCrop(out.shape[:2])`` of the RGB ``img`` into ``out``, zeros outside."""
+    """Write ``CenterCrop(out.shape[:2])`` of the RGB (or RGBX) ``img`` into ``out``, zeros outside."""
     width, height = img.size
     crop_h, crop_w = out.shape[0], out.shape[1]
     (left, top, right, bottom), (dst_x, dst_y) = crop_placement(width, height, crop_h, crop_w)
@@ -535,8 +595,8 @@ def _write_center_crop(img: Image.Image, out: np.ndarray) -> None:
     if (left, top, right, bottom) != (0, 0, width, height):
         img = img.crop((left, top, right, bottom))
     # PIL keeps RGB as 4 bytes a pixel, so it cannot write into `out`
-    # directly: tobytes() packs to RGB once and the assignment copies once.
-    pixels = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(src_h, src_w, 3)
+    # directly: tobytes() packs to RGB once (from RGB or RGBX) and the assignment copies once.
+    pixels = np.frombuffer(img.tobytes("raw", "RGB"), dtype=np.uint8).reshape(src_h, src_w, 3)
     out[dst_y : dst_y + src_h, dst_x : dst_x + src_w] = pixels
 
 

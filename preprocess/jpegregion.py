@@ -36,7 +36,7 @@ import numpy as np
 
 __all__ = ["ABI", "RegionDecoder", "build", "library_path", "load", "status", "window_bytes", "work_bytes"]
 
-ABI = 3  # IE_ABI in _jpegregion.c
+ABI = 4  # IE_ABI in _jpegregion.c
 DISABLE_ENV = "IMAGENET_ENGINE_REGION_DECODE"
 SOURCE = Path(__file__).with_name("_jpegregion.c")
 
@@ -115,6 +115,11 @@ class RegionDecoder:
                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
                                          ctypes.c_void_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
         lib.ie_decode_resize.restype = ctypes.c_int
+        lib.ie_decode_placed.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                         ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long, p_int, ctypes.c_char_p,
+                                         ctypes.c_int]
+        lib.ie_decode_placed.restype = ctypes.c_int
         self._lib = lib
         self.path = path
         version = lib.ie_turbo_version()
@@ -147,6 +152,25 @@ class RegionDecoder:
         x0, y0, w, h = window
         rc = self._lib.ie_decode(data, len(data), denom, flags, x0, y0, w, h, out.ctypes.data, out.nbytes,
                                  got, msg, len(msg))
+        if rc == OK:
+            return got[0], got[1], got[4], got[5], got[2], got[3]
+        text = msg.value.decode("utf-8", "replace")
+        if rc == JPEG_ERROR:
+            raise RegionError(text)
+        raise ValueError(text)
+
+    def decode_placed(self, data: bytes, window: Tuple[int, int, int, int], image: np.ndarray,
+                      stride: int) -> Tuple[int, int, int, int, int, int]:
+        """Decode at least ``window`` (full scale) as :meth:`decode` does, but write its pixels where
+        they are in the image: ``image`` is a contiguous uint8 buffer of at least ``stride *
+        height`` bytes holding the whole image as RGBX, rows ``stride`` bytes apart; pixels outside
+        the window keep whatever they held. Returns as :meth:`decode`. Raises as :meth:`decode`.
+        """
+        got = (ctypes.c_int * 6)()
+        msg = ctypes.create_string_buffer(200)
+        x0, y0, w, h = window
+        rc = self._lib.ie_decode_placed(data, len(data), 1, 0, x0, y0, w, h, image.ctypes.data, image.nbytes, stride,
+                                        got, msg, len(msg))
         if rc == OK:
             return got[0], got[1], got[4], got[5], got[2], got[3]
         text = msg.value.decode("utf-8", "replace")

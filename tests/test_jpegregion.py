@@ -201,3 +201,30 @@ def test_native_build_and_check_commands(tmp_path):
         pytest.skip("no libjpeg-turbo headers here")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "region decoder on libjpeg-turbo" in r.stdout and len(list(pkg.glob("_jpegregion-*.so"))) == 1
+
+
+@needs_region
+@pytest.mark.parametrize("resize,crop,interpolation", [
+    (256, 224, "bilinear"), (256, 224, "bicubic"), (342, 299, "lanczos"), ((300, 200), 180, "box"),
+    (64, 56, "hamming"), (256, 300, "bilinear"),
+])
+def test_exact_mode_decoding_only_the_window_is_bit_identical(resize, crop, interpolation, monkeypatch):
+    """Exact mode decodes only the window its crop of the full-image resize reads, into a stale
+    image-sized buffer: the pixels are those of the full decode, bit for bit, over many sizes
+    (the exactness tests then hold them to torchvision)."""
+    used = []
+    real = REGION.decode_placed
+    monkeypatch.setattr(REGION, "decode_placed", lambda *a: used.append(1) or real(*a))
+    rng = np.random.default_rng([11, crop])
+    for trial in range(12):
+        w, h = int(rng.integers(40, 1400)), int(rng.integers(40, 1100))
+        data = _jpeg(w, h, trial, quality=int(rng.integers(60, 97)), subsampling=trial % 3,
+                     progressive=trial % 4 == 0)
+        a = np.zeros((crop, crop, 3), np.uint8)
+        dec.preprocess_into(data, a, resize, interpolation, "exact")
+        monkeypatch.setattr(dec, "_REGION", None)  # the whole image through simplejpeg, else Pillow
+        b = np.full((crop, crop, 3), 5, np.uint8)
+        dec.preprocess_into(data, b, resize, interpolation, "exact")
+        monkeypatch.setattr(dec, "_REGION", REGION)
+        np.testing.assert_array_equal(a, b, err_msg=f"{w}x{h} {resize} {crop} {interpolation}")
+    assert len(used) == 12
