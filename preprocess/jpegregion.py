@@ -1,7 +1,9 @@
-"""Region decoding of JPEGs (``_jpegregion.c``, libjpeg-turbo through ctypes): fast mode's decoder.
+"""Region decoding of JPEGs (``_jpegregion.c``, libjpeg-turbo through ctypes).
 
-Fast mode resizes only the crop's box of the image, so it needs only the pixels that box's resize
-reads: for a 500x375 file and Resize(256) + CenterCrop(224), a window of about 336x336. This
+A centre crop of a resized image needs only the pixels its resize reads: for a 500x375 file and
+Resize(256) + CenterCrop(224), a window of about 336x336. Exact mode has it decoded into an
+image-sized buffer (:meth:`RegionDecoder.decode_placed`) and resizes as before; fast mode has it
+decoded and its crop's box resized in C (:meth:`RegionDecoder.decode_resize`). This
 library decodes that window alone (``jpeg_crop_scanline`` for the columns, ``jpeg_skip_scanlines``
 for the rows), skipping the inverse DCT, upsampling and colour conversion of the rest, at a
 reduced DCT scale where fast mode picks one, and can resize the crop's box of it with Pillow's
@@ -13,9 +15,10 @@ It is a small C file compiled against the system's libjpeg-turbo: ``scripts/setu
 
     python -m preprocess.native --build     # then: --check prints what is loaded
 
-Where it is not built (no C compiler or no libjpeg-turbo headers), fast mode decodes whole images
-through ``simplejpeg``, else Pillow: slower, same pixels up to rounding. The library's file name
-carries a hash of the C source, so a build from an older source is never loaded.
+Where it is not built (no C compiler or no libjpeg-turbo headers), both modes decode whole images
+through ``simplejpeg``, else Pillow: slower; exact mode's pixels the same, fast mode's the same up
+to rounding. The library's file name carries a hash of the C source, so a build from an older
+source is never loaded.
 ``IMAGENET_ENGINE_REGION_DECODE=0`` turns it off (for comparisons).
 """
 

@@ -1,4 +1,4 @@
-"""Build and check the native part of the hot path: fast mode's JPEG region decoder.
+"""Build and check the native part of the hot path: the JPEG region decoder.
 
     python -m preprocess.native --build     compile preprocess/_jpegregion.c (cc, libjpeg-turbo headers)
     python -m preprocess.native --check     print whether it loads; exit 1 if not

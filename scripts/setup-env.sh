@@ -348,17 +348,18 @@ else
 fi
 
 # --------------------------------------------------------------------------------------
-# 6b. Fast mode's JPEG region decoder (preprocess/_jpegregion.c, loaded with ctypes): built
-#     against the system's libjpeg-turbo; without it --decode fast decodes whole images
-#     (slower, same pixels up to rounding). The file name carries the source's hash, so a
-#     changed source is rebuilt here and a stale build is never loaded.
+# 6b. The JPEG region decoder (preprocess/_jpegregion.c, loaded with ctypes): built against
+#     the system's libjpeg-turbo; both decode modes use it to decode only the window the crop
+#     needs, and without it decode whole images (slower; exact mode's pixels are the same, fast
+#     mode's the same up to rounding). The file name carries the source's hash, so a changed
+#     source is rebuilt here and a stale build is never loaded.
 # --------------------------------------------------------------------------------------
 if "$PY" -m preprocess.native --check >/dev/null 2>&1; then
     say "JPEG region decoder already built"
 elif "$PY" -m preprocess.native --build >"$LOGDIR/jpegregion.log" 2>&1; then
     say "JPEG region decoder built ($("$PY" -m preprocess.native --check 2>&1))"
 else
-    notice "JPEG region decoder not built ($(tail -n 1 "$LOGDIR/jpegregion.log" | cut -c1-200)); --decode fast decodes whole images instead"
+    notice "JPEG region decoder not built ($(tail -n 1 "$LOGDIR/jpegregion.log" | cut -c1-200)); JPEGs are decoded whole instead (slower)"
 fi
 
 # --------------------------------------------------------------------------------------
