@@ -458,8 +458,15 @@ def _dct_scale(width: int, height: int, size: Tuple[int, int]) -> int:
 _LOCAL = threading.local()
 
 
+# Largest buffer _scratch keeps between images (an ImageNet image needs under 1 MiB): one huge
+# image must not leave a worker holding its gigabyte for the rest of the run.
+_SCRATCH_KEEP = 64 << 20
+
+
 def _scratch(nbytes: int) -> np.ndarray:
     """A reusable decode buffer per thread: no fresh allocation (and page faults) per image."""
+    if nbytes > _SCRATCH_KEEP:
+        return np.empty(nbytes, dtype=np.uint8)  # freed with the image
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.size < nbytes:
         buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)

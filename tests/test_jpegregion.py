@@ -228,3 +228,11 @@ def test_exact_mode_decoding_only_the_window_is_bit_identical(resize, crop, inte
         monkeypatch.setattr(dec, "_REGION", REGION)
         np.testing.assert_array_equal(a, b, err_msg=f"{w}x{h} {resize} {crop} {interpolation}")
     assert len(used) == 12
+
+
+def test_a_huge_image_does_not_stay_in_the_worker():
+    """The reused decode buffer is kept only up to 64 MiB: a 16k x 16k image's gigabyte goes with it."""
+    dec._scratch(1000)
+    big = dec._scratch(dec._SCRATCH_KEEP + 1)
+    assert big.size == dec._SCRATCH_KEEP + 1
+    assert dec._LOCAL.buf.size <= dec._SCRATCH_KEEP
