@@ -82,27 +82,24 @@ def _contenders():
         except DecodeError:
             pass
 
-    def fast_whole(d):  # fast mode without the region decoder: simplejpeg decodes the whole image
+    def with_setting(name, value, mode):  # a mode run with one module setting of decode.py changed
         import preprocess.decode as dec
 
-        region, dec._REGION = dec._REGION, None
-        try:
-            preprocess_into(d, out, 256, "bilinear", "fast")
-        except DecodeError:
-            pass
-        finally:
-            dec._REGION = region
+        def run(d):
+            kept = getattr(dec, name)
+            setattr(dec, name, value)
+            try:
+                preprocess_into(d, out, 256, "bilinear", mode)
+            except DecodeError:
+                pass
+            finally:
+                setattr(dec, name, kept)
+        return run
 
-    def exact_pillow(d):  # exact mode as the issue met it: Pillow decodes every file
-        import preprocess.decode as dec
-
-        turbo, dec._EXACT_TURBO = dec._EXACT_TURBO, False
-        try:
-            preprocess_into(d, out, 256, "bilinear", "exact")
-        except DecodeError:
-            pass
-        finally:
-            dec._EXACT_TURBO = turbo
+    # fast mode without the region decoder: simplejpeg decodes the whole image, Pillow resizes the box
+    fast_whole = with_setting("_REGION", None, "fast")
+    # exact mode as the issue met it: Pillow decodes every file
+    exact_pillow = with_setting("_EXACT_TURBO", False, "exact")
 
     return {
         "decode Pillow": pillow,

@@ -98,6 +98,18 @@ static size_t ie_window_bytes(int w, int h)
   return (size_t)((w < IE_MIN_CROP ? IE_MIN_CROP : w) + 32) * (size_t)(h + 64) * 4;
 }
 
+/* Our error manager on a zeroed cinfo: errors and warnings longjmp to err->jump (which the caller
+ * sets with setjmp right after: it must be in the function that calls libjpeg) with the message. */
+static void ie_errors(struct jpeg_decompress_struct *cinfo, struct ie_error *err, char *msg, int msglen)
+{
+  memset(cinfo, 0, sizeof(*cinfo));
+  cinfo->err = jpeg_std_error(&err->pub);
+  err->pub.error_exit = ie_error_exit;
+  err->pub.emit_message = ie_emit_message;
+  err->msg = msg;
+  err->msglen = msglen;
+}
+
 int ie_abi(void)
 {
   return IE_ABI;
@@ -122,12 +134,7 @@ int ie_header(const unsigned char *data, unsigned long size, int *info, char *ms
   struct jpeg_decompress_struct cinfo;
   struct ie_error err;
 
-  memset(&cinfo, 0, sizeof(cinfo));
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = ie_error_exit;
-  err.pub.emit_message = ie_emit_message;
-  err.msg = msg;
-  err.msglen = msglen;
+  ie_errors(&cinfo, &err, msg, msglen);
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     return IE_JPEG_ERROR;
@@ -207,12 +214,7 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
     ie_set_message(msg, msglen, "empty or negative region");
     return IE_BAD_ARGS;
   }
-  memset(&cinfo, 0, sizeof(cinfo));
-  cinfo.err = jpeg_std_error(&err.pub);
-  err.pub.error_exit = ie_error_exit;
-  err.pub.emit_message = ie_emit_message;
-  err.msg = msg;
-  err.msglen = msglen;
+  ie_errors(&cinfo, &err, msg, msglen);
   if (setjmp(err.jump)) {
     jpeg_destroy_decompress(&cinfo);
     return IE_JPEG_ERROR;

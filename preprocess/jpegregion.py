@@ -153,14 +153,9 @@ class RegionDecoder:
         got = (ctypes.c_int * 6)()
         msg = ctypes.create_string_buffer(200)
         x0, y0, w, h = window
-        rc = self._lib.ie_decode(data, len(data), denom, flags, x0, y0, w, h, out.ctypes.data, out.nbytes,
-                                 got, msg, len(msg))
-        if rc == OK:
-            return got[0], got[1], got[4], got[5], got[2], got[3]
-        text = msg.value.decode("utf-8", "replace")
-        if rc == JPEG_ERROR:
-            raise RegionError(text)
-        raise ValueError(text)
+        _check(self._lib.ie_decode(data, len(data), denom, flags, x0, y0, w, h, out.ctypes.data, out.nbytes,
+                                   got, msg, len(msg)), msg)
+        return got[0], got[1], got[4], got[5], got[2], got[3]
 
     def decode_placed(self, data: bytes, window: Tuple[int, int, int, int], image: np.ndarray,
                       stride: int) -> Tuple[int, int, int, int, int, int]:
@@ -172,14 +167,9 @@ class RegionDecoder:
         got = (ctypes.c_int * 6)()
         msg = ctypes.create_string_buffer(200)
         x0, y0, w, h = window
-        rc = self._lib.ie_decode_placed(data, len(data), 1, 0, x0, y0, w, h, image.ctypes.data, image.nbytes, stride,
-                                        got, msg, len(msg))
-        if rc == OK:
-            return got[0], got[1], got[4], got[5], got[2], got[3]
-        text = msg.value.decode("utf-8", "replace")
-        if rc == JPEG_ERROR:
-            raise RegionError(text)
-        raise ValueError(text)
+        _check(self._lib.ie_decode_placed(data, len(data), 1, 0, x0, y0, w, h, image.ctypes.data, image.nbytes,
+                                          stride, got, msg, len(msg)), msg)
+        return got[0], got[1], got[4], got[5], got[2], got[3]
 
     def decode_resize(self, data: bytes, denom: int, flags: int, window: Tuple[int, int, int, int],
                       box: Tuple[float, float, float, float], size: Tuple[int, int], resample: int,
@@ -197,15 +187,20 @@ class RegionDecoder:
         x0, y0, w, h = window
         if dst.shape != (size[1], size[0], 3) or dst.strides[1:] != (3, 1) or dst.dtype != np.uint8:
             raise ValueError(f"dst must be a ({size[1]}, {size[0]}, 3) uint8 view with packed pixels")
-        rc = self._lib.ie_decode_resize(data, len(data), denom, flags, x0, y0, w, h, box[0], box[1], box[2], box[3],
-                                        size[0], size[1], resample, dst.ctypes.data, dst.strides[0],
-                                        work.ctypes.data, work.nbytes, got, msg, len(msg))
-        if rc == OK:
-            return got[2], got[3]
-        text = msg.value.decode("utf-8", "replace")
-        if rc == JPEG_ERROR:
-            raise RegionError(text)
-        raise ValueError(text)
+        _check(self._lib.ie_decode_resize(data, len(data), denom, flags, x0, y0, w, h, box[0], box[1], box[2],
+                                          box[3], size[0], size[1], resample, dst.ctypes.data, dst.strides[0],
+                                          work.ctypes.data, work.nbytes, got, msg, len(msg)), msg)
+        return got[2], got[3]
+
+
+def _check(rc: int, msg) -> None:
+    """Raise for a return code of the library: RegionError for libjpeg's refusals, ValueError else."""
+    if rc == OK:
+        return
+    text = msg.value.decode("utf-8", "replace")
+    if rc == JPEG_ERROR:
+        raise RegionError(text)
+    raise ValueError(text)
 
 
 def window_bytes(w: int, h: int) -> int:
