@@ -256,6 +256,13 @@ _EXACT_TURBO = simplejpeg is not None and os.environ.get("IMAGENET_ENGINE_EXACT_
 _REGION = jpegregion.load()
 
 
+def _turbo_takes(space: str, width: int, height: int, spaces: Sequence[str], max_pixels: Optional[int]) -> bool:
+    """Whether a libjpeg-turbo path decodes this JPEG header: a colour space it converts as Pillow
+    does, a real size, and under the pixel limit (over it, Pillow's checks give the reason)."""
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    return space in spaces and width >= 1 and height >= 1 and not (limit and width * height > limit)
+
+
 def _exact_jpeg_window(
     data: bytes, out: np.ndarray, resize: ResizeSpec, resample: int, max_pixels: Optional[int]
 ) -> Optional[Image.Image]:
@@ -277,28 +284,17 @@ def _exact_jpeg_window(
     if header is None:
         return None
     width, height, space = header
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if space not in ("YCbCr", "RGB") or width < 1 or height < 1 or (limit and width * height > limit):
+    if not _turbo_takes(space, width, height, ("YCbCr", "RGB"), max_pixels):
         return None
     size = resized_size(width, height, resize)
-    (left, top, right, bottom), _ = crop_placement(size[0], size[1], out.shape[0], out.shape[1])
-    if size == (width, height):
-        box, reach_x, reach_y = (left, top, right, bottom), 0.0, 0.0
-    else:
+    if size != (width, height):
         _check_resized(size, max_pixels)
-        fx, fy = width / size[0], height / size[1]
-        box = (left * fx, top * fy, right * fx, bottom * fy)
-        support = _SUPPORT[resample]
-        reach_x, reach_y = support * max(1.0, fx), support * max(1.0, fy)
-    x0 = max(0, int(math.floor(box[0] - reach_x)) - _MARGIN)
-    y0 = max(0, int(math.floor(box[1] - reach_y)) - _MARGIN)
-    x1 = min(width, int(math.ceil(box[2] + reach_x)) + _MARGIN)
-    y1 = min(height, int(math.ceil(box[3] + reach_y)) + _MARGIN)
-    if x1 <= x0 or y1 <= y0:
+    _, window = _crop_window((width, height), (width, height), size, 1, out, resample)
+    if window[2] < 1 or window[3] < 1:
         return None
     buf = _scratch(width * height * 4)
     try:
-        got = _REGION.decode_placed(data, (x0, y0, x1 - x0, y1 - y0), buf, width * 4)
+        got = _REGION.decode_placed(data, window, buf, width * 4)
     except (jpegregion.RegionError, ValueError):
         return None  # simplejpeg or Pillow decodes it, or Pillow gives the reason
     if got[4:] != (width, height):
@@ -314,8 +310,7 @@ def _exact_jpeg(data: bytes, max_pixels: Optional[int]) -> Optional[Image.Image]
         height, width, space, _ = simplejpeg.decode_jpeg_header(data)
     except Exception:  # noqa: BLE001 -- a bad header: Pillow gives the reason
         return None
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if space not in ("YCbCr", "RGB") or width < 1 or height < 1 or (limit and width * height > limit):
+    if not _turbo_takes(space, width, height, ("YCbCr", "RGB"), max_pixels):
         return None
     try:
         pixels = simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False, strict=True)
@@ -352,8 +347,7 @@ def _fast_jpeg(
     if header is None:
         return False
     height, width, space = (header[1], header[0], header[2]) if _REGION is not None else header
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if space not in _SIMPLEJPEG_SPACES or width < 1 or height < 1 or (limit and width * height > limit):
+    if not _turbo_takes(space, width, height, _SIMPLEJPEG_SPACES, max_pixels):
         return False
     size = resized_size(width, height, resize)
     _check_resized(size, max_pixels)
@@ -393,6 +387,38 @@ _SUPPORT = {
 _MARGIN = 3
 
 
+def _crop_window(
+    full: Tuple[int, int],
+    scaled: Tuple[int, int],
+    size: Tuple[int, int],
+    scale: int,
+    out: np.ndarray,
+    resample: int,
+) -> Tuple[Tuple[float, float, float, float], Tuple[int, int, int, int]]:
+    """The crop's box in the decoded image and the window ``(x0, y0, w, h)`` its resize reads.
+
+    ``full`` is the image's size, ``scaled`` the decoded size (at DCT scale ``scale``), ``size`` the
+    resize target, ``out`` gives the crop. The box is where the crop of the resized image lies in
+    the decoded one; the window adds the filter's reach (``support * max(1, box / output)``) and
+    :data:`_MARGIN` around it, clipped to the decoded image. Without a resize (the decoded image is
+    the target size) the box is the crop itself. Exact mode (``scale`` 1, ``scaled == full``) and
+    fast mode both decode this window.
+    """
+    (left, top, right, bottom), _ = crop_placement(size[0], size[1], out.shape[0], out.shape[1])
+    if scaled == size:
+        box, reach_x, reach_y = (float(left), float(top), float(right), float(bottom)), 0.0, 0.0
+    else:
+        fx, fy = full[0] / size[0] / scale, full[1] / size[1] / scale
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        support = _SUPPORT.get(resample, 3.0)
+        reach_x, reach_y = support * max(1.0, fx), support * max(1.0, fy)
+    x0 = max(0, int(math.floor(box[0] - reach_x)) - _MARGIN)
+    y0 = max(0, int(math.floor(box[1] - reach_y)) - _MARGIN)
+    x1 = min(scaled[0], int(math.ceil(box[2] + reach_x)) + _MARGIN)
+    y1 = min(scaled[1], int(math.ceil(box[3] + reach_y)) + _MARGIN)
+    return box, (x0, y0, x1 - x0, y1 - y0)
+
+
 def _fast_jpeg_region(
     data: bytes,
     out: np.ndarray,
@@ -408,19 +434,7 @@ def _fast_jpeg_region(
     crop's resize reads, then resize the crop's box within it (:func:`_write_resized_crop`)."""
     crop_h, crop_w = out.shape[0], out.shape[1]
     (left, top, right, bottom), (dst_x, dst_y) = crop_placement(size[0], size[1], crop_h, crop_w)
-    if scaled == size:  # no resize: the window is the crop
-        box, reach_x, reach_y = (left, top, right, bottom), 0.0, 0.0
-    else:
-        fx, fy = full[0] / size[0] / scale, full[1] / size[1] / scale
-        box = (left * fx, top * fy, right * fx, bottom * fy)
-        support = _SUPPORT.get(resample, 3.0)
-        reach_x = support * max(1.0, (box[2] - box[0]) / (right - left))
-        reach_y = support * max(1.0, (box[3] - box[1]) / (bottom - top))
-    x0 = max(0, int(math.floor(box[0] - reach_x)) - _MARGIN)
-    y0 = max(0, int(math.floor(box[1] - reach_y)) - _MARGIN)
-    x1 = min(scaled[0], int(math.ceil(box[2] + reach_x)) + _MARGIN)
-    y1 = min(scaled[1], int(math.ceil(box[3] + reach_y)) + _MARGIN)
-    w, h = x1 - x0, y1 - y0
+    box, (x0, y0, w, h) = _crop_window(full, scaled, size, scale, out, resample)
     flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
     if resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
         # decode, resize and write RGB into `out` in one call (Pillow's resize arithmetic, in C)
