@@ -9,15 +9,16 @@
  * simplejpeg and Pillow decode every pixel.
  *
  * Loaded with ctypes (no Python API here, so one build serves every interpreter). Built by
- * scripts/setup-env.sh or `python -m preprocess.jpegregion --build`:
+ * scripts/setup-env.sh or `python -m preprocess.native --build`:
  *
  *     cc -O2 -shared -fPIC -o _jpegregion-<platform>.so _jpegregion.c -ljpeg
  *
  * Strict, as simplejpeg's strict mode and TurboJPEG's TJFLAG_STOPONWARNING: a libjpeg warning
  * (corrupt data libjpeg would paper over, a premature end of file) is an error, and the caller
- * then hands the file to Pillow, which decodes it or fails it with exact mode's reason. To see
- * such damage anywhere in the file the rows after the window are entropy-decoded too (skipped
- * to the last row, which is read), and the decoder is finished up to the EOI marker.
+ * then hands the file to Pillow, which decodes it or fails it with exact mode's reason. The rows
+ * after the window are not decoded when the file ends with its EOI marker (it is whole; damage in
+ * them would be warnings, which Pillow ignores, and cannot change the rows above); otherwise they
+ * are entropy-decoded to the last row, which is read, so that a file cut short fails as in Pillow.
  */
 #include <limits.h>
 #include <math.h>
@@ -48,7 +49,7 @@
 #define IE_FASTUPSAMPLE 2 /* no fancy (triangle-filter) chroma upsampling */
 #define IE_MIN_CROP 32 /* narrowest window decoded (pixels) */
 
-#define IE_SCALAR 8       /* resize with the scalar code even where SSE4.1 is there (tests) */
+#define IE_SCALAR 8       /* resize with the scalar code even where SSE4.1/AVX2 are there (tests) */
 
 struct ie_error {
   struct jpeg_error_mgr pub;
@@ -194,6 +195,13 @@ int ie_decode_placed(const unsigned char *data, unsigned long size, int denom, i
                       msglen);
 }
 
+/* Whether the data ends with an EOI marker (FF D9). Entropy-coded data cannot hold one (a 0xFF
+ * there is followed by 0x00 or a restart marker), so a file cut inside its scan never does. */
+static int ie_ends_with_eoi(const unsigned char *data, unsigned long size)
+{
+  return size >= 4 && data[size - 2] == 0xFF && data[size - 1] == 0xD9;
+}
+
 /* placed_stride 0: the window packed at out (ie_decode); else placed in the image (ie_decode_placed) */
 static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
                        int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
@@ -296,9 +304,16 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
     if (jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)n) == 0)
       goto no_rows;
   }
-  if (cinfo.output_scanline < cinfo.output_height) {
-    /* The rows below the window: entropy-decoded only (skipping to the very end would not read
-     * them at all), then the last row is read, so that damage anywhere in the file is seen. */
+  if (cinfo.output_scanline < cinfo.output_height && ie_ends_with_eoi(data, size)) {
+    /* The rows below the window: nothing of them is needed, and the file is whole (it ends with
+     * its EOI marker), so they are not decoded at all. Damage inside their entropy-coded data
+     * gives libjpeg warnings only, which Pillow ignores: the file decodes there too, with the
+     * same pixels above the damage. */
+    jpeg_skip_scanlines(&cinfo, cinfo.output_height - cinfo.output_scanline);
+  } else if (cinfo.output_scanline < cinfo.output_height) {
+    /* A file that does not end with EOI (cut short, or bytes after its EOI): the rows below the
+     * window are entropy-decoded (skipping to the very end would not read them at all), then the
+     * last row is read, so that a cut anywhere in the file is seen, as Pillow sees it. */
     skip = cinfo.output_height - cinfo.output_scanline - 1;
     if (skip > 0 && jpeg_skip_scanlines(&cinfo, skip) != skip) {
       jpeg_destroy_decompress(&cinfo);
@@ -320,31 +335,24 @@ no_rows: /* never seen from an in-memory source; rather than loop, Pillow takes 
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Resize of the crop's box, written as RGB: Pillow's Image.resize(size, filter, box) arithmetic
- * (stock Pillow's src/libImaging/Resample.c, 8 bits per channel): per output pixel, filter weights
- * in double precision from the box given as single-precision floats, normalised, rounded to fixed
- * point with 22 fractional bits; a horizontal pass over the rows the vertical pass reads, rounded
- * to 8 bits, then the vertical pass. Pillow-SIMD rounds its weights differently (at most 1 apart).
- * Doing it here spares fast mode Pillow's image objects and the RGBX -> RGB repacking per image.
+ * Resize of the crop's box, written as RGB: Pillow-SIMD's Image.resize(size, filter, box)
+ * arithmetic, 8 bits per channel: per output pixel, filter weights in double precision from the box
+ * given as single-precision floats, normalised, rounded to int16 with as many fractional bits as
+ * fit (at most 22); a horizontal pass over the rows the vertical pass reads, rounded to 8 bits,
+ * then the vertical pass. Stock Pillow keeps 22 bits in int32 (at most 1 apart). Doing it here
+ * spares fast mode Pillow's image objects and the RGBX -> RGB repacking per image.
  */
 
 #define IE_PRECISION_BITS (32 - 8 - 2)
 
-/* The vertical pass is compiled for AVX2 and for the baseline, picked at load time by the CPU
- * (GCC's function multi-versioning), and the horizontal pass has an SSE4.1 version picked at run
- * time: one build runs on any x86-64 and uses the vector units where they are. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(IE_NO_CLONES)
-#define IE_CLONES __attribute__((target_clones("avx2", "default")))
+/* The vector passes (SSE4.1 and AVX2) are picked at run time by the CPU, so one build runs on any
+ * x86-64 and uses the vector units where they are; elsewhere the scalar passes, same sums. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(IE_NO_SIMD)
 #define IE_SSE41 1
 #include <immintrin.h>
 #else
-#define IE_CLONES
 #define IE_SSE41 0
 #endif
-
-/* Fractional bits of the horizontal pass's 16-bit weights (vector path): pairs of taps are
- * multiplied and added in one instruction (pmaddwd), as Pillow-SIMD does. */
-#define IE_H16_BITS 14
 
 /* Pillow's filter numbers (Image.Resampling) */
 #define IE_LANCZOS 1
@@ -426,11 +434,11 @@ static int ie_ksize(float in0, float in1, int out_size, const struct ie_filter *
   return (int)ceil(f->support * filterscale) * 2 + 1;
 }
 
-/* Fixed-point weights k[out_size * ksize] and bounds[out_size * 2] (first input, count); the
- * normalised weights themselves into wn[out_size * ksize] when wn is not NULL. w: ksize doubles of
- * scratch. */
+/* Pillow's normalised filter weights wn[out_size * ksize] (zeros past each pixel's taps) and
+ * bounds[out_size * 2] (first input, count) for the box [in0, in1) resized to out_size; w: ksize
+ * doubles of scratch. */
 static void ie_coeffs(int in_size, float in0, float in1, int out_size, const struct ie_filter *f,
-                      int ksize, int32_t *k, int *bounds, double *w, double *wn)
+                      int ksize, int *bounds, double *w, double *wn)
 {
   double scale = (double)(in1 - in0) / out_size;
   double filterscale = scale < 1.0 ? 1.0 : scale;
@@ -455,28 +463,65 @@ static void ie_coeffs(int in_size, float in0, float in1, int out_size, const str
       w[x] = f->fn((x + xmin - center + 0.5) * ss);
       ww += w[x];
     }
-    for (x = 0; x < ksize; x++) {
-      double v = x < xmax ? (ww != 0.0 ? w[x] / ww : w[x]) : 0.0;
-
-      k[xx * ksize + x] = (int32_t)(v < 0 ? -0.5 + v * (1 << IE_PRECISION_BITS)
-                                          : 0.5 + v * (1 << IE_PRECISION_BITS));
-      if (wn != NULL)
-        wn[xx * ksize + x] = v;
-    }
+    for (x = 0; x < ksize; x++)
+      wn[xx * ksize + x] = x < xmax ? (ww != 0.0 ? w[x] / ww : w[x]) : 0.0;
     bounds[xx * 2] = xmin;
     bounds[xx * 2 + 1] = xmax;
   }
 }
 
-static inline unsigned char ie_clip8(int32_t v)
+static inline unsigned char ie_clip8(int32_t v, int prec)
 {
-  v >>= IE_PRECISION_BITS;
+  v >>= prec;
   return (unsigned char)(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-/* RGBX rows [first, first + rows) of src (width src_w) -> RGBX tmp (out_w wide), horizontally. */
+/* Pillow-SIMD's fixed point for a pass (its normalize_coeffs_8bpc): the most fractional bits, at
+ * most 22, that keep every weight an int16. */
+static int ie_precision(const double *w, int n)
+{
+  double hi = 0.0, lo = 0.0;
+  int i, p;
+
+  for (i = 0; i < n; i++) {
+    if (w[i] > hi)
+      hi = w[i];
+    if (w[i] < lo)
+      lo = w[i];
+  }
+  for (p = 0; p < IE_PRECISION_BITS; p++)
+    if ((int)(0.5 + hi * (1 << (p + 1))) >= (1 << 15) || (int)(-0.5 + lo * (1 << (p + 1))) < -(1 << 15))
+      break;
+  return p;
+}
+
+/* The weights w[out * ksize] as int16 with prec fractional bits, rounded as Pillow rounds, into
+ * k[out * kpad] (kpad >= ksize, even; zeros past the taps): taps 2j and 2j + 1 are one int32 pair
+ * for the multiply-add of two pixels or two rows at once. */
+static void ie_weights16(const double *w, int out, int ksize, int kpad, int prec, int16_t *k)
+{
+  int i, x;
+
+  for (i = 0; i < out; i++)
+    for (x = 0; x < kpad; x++) {
+      double v = x < ksize ? w[i * ksize + x] * (1 << prec) : 0.0;
+
+      k[i * kpad + x] = (int16_t)(v < 0 ? -0.5 + v : 0.5 + v);
+    }
+}
+
+static inline int32_t ie_pair(const int16_t *k)
+{
+  int32_t v;
+
+  memcpy(&v, k, sizeof(v));
+  return v;
+}
+
+/* RGBX rows [first, first + rows) of src (width src_w) -> RGBX tmp (out_w wide), horizontally, with
+ * int16 weights k (kpad per output pixel, prec fractional bits) and bounds (first input, count). */
 static void ie_horizontal(const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp,
-                          int out_w, int ksize, const int32_t *kk, const int *bounds)
+                          int out_w, int kpad, const int16_t *kk, const int *bounds, int prec)
 {
   int yy, xx, x, c;
 
@@ -486,112 +531,269 @@ static void ie_horizontal(const unsigned char *src, int src_w, int first, int ro
 
     for (xx = 0; xx < out_w; xx++) {
       const unsigned char *p = row + (size_t)bounds[xx * 2] * 4;
-      const int32_t *k = kk + xx * ksize;
+      const int16_t *k = kk + xx * kpad;
       int n = bounds[xx * 2 + 1];
-      int32_t ss[4] = { 1 << (IE_PRECISION_BITS - 1), 1 << (IE_PRECISION_BITS - 1),
-                        1 << (IE_PRECISION_BITS - 1), 1 << (IE_PRECISION_BITS - 1) };
+      int32_t ss[4] = { 1 << (prec - 1), 1 << (prec - 1), 1 << (prec - 1), 1 << (prec - 1) };
 
       for (x = 0; x < n; x++)
         for (c = 0; c < 4; c++)
           ss[c] += p[x * 4 + c] * k[x];
       for (c = 0; c < 4; c++)
-        o[xx * 4 + c] = ie_clip8(ss[c]);
+        o[xx * 4 + c] = ie_clip8(ss[c], prec);
     }
   }
 }
 
-#if IE_SSE41
-/* The same pass with SSE4.1: weights as int16 pairs kp[xx * pairs + j] = (k[2j + 1] << 16) | k[2j]
- * with IE_H16_BITS fractional bits, zero past each pixel's taps; two taps (two RGBX pixels) per
- * multiply-add. An odd number of taps reads one pixel more (its weight is zero): up to 2 * pairs
- * pixels are read from an output pixel's first input, which the caller keeps readable. */
-__attribute__((target("sse4.1"))) static void ie_horizontal_sse41(
-    const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp, int out_w, int pairs,
-    const int32_t *kp, const int *bounds)
+/* RGBX tmp (width w) -> RGB rows of dst, vertically, weights as for ie_horizontal; output rows
+ * pixels [x_from, w) of each. */
+static void ie_vertical(const unsigned char *tmp, int w, int out_h, int x_from, int kpad, const int16_t *kk,
+                        const int *bounds, int prec, unsigned char *dst, long dst_stride)
 {
-  /* bytes of two pixels p0 p1 -> int16 lanes p0.r p1.r p0.g p1.g p0.b p1.b p0.x p1.x */
-  const __m128i order = _mm_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1);
-  const __m128i half = _mm_set1_epi32(1 << (IE_H16_BITS - 1));
-  int yy, xx, j;
-
-  for (yy = 0; yy < rows; yy++) {
-    const unsigned char *row = src + (size_t)(first + yy) * (size_t)src_w * 4;
-    int32_t *o = (int32_t *)(void *)(tmp + (size_t)yy * (size_t)out_w * 4);
-
-    for (xx = 0; xx < out_w; xx++) {
-      const unsigned char *p = row + (size_t)bounds[xx * 2] * 4;
-      const int32_t *k = kp + xx * pairs;
-      int n = (bounds[xx * 2 + 1] + 1) / 2;
-      __m128i acc = half, pix;
-
-      for (j = 0; j < n; j++) {
-        pix = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)(const void *)(p + 8 * j)), order);
-        acc = _mm_add_epi32(acc, _mm_madd_epi16(pix, _mm_set1_epi32(k[j])));
-      }
-      acc = _mm_srai_epi32(acc, IE_H16_BITS);
-      acc = _mm_packus_epi16(_mm_packs_epi32(acc, acc), acc);
-      o[xx] = _mm_cvtsi128_si32(acc);
-    }
-  }
-}
-
-/* True when every weight fits the int16 lanes with IE_H16_BITS fractional bits. */
-static int ie_fits16(const double *w, int n)
-{
-  int i;
-
-  for (i = 0; i < n; i++)
-    if (fabs(w[i]) * (1 << IE_H16_BITS) > 32000.0)
-      return 0;
-  return 1;
-}
-
-/* The int16 weight pairs of ie_horizontal_sse41 from the double weights w[out_w * ksize]. */
-static void ie_pairs16(const double *w, int out_w, int ksize, int pairs, int32_t *kp)
-{
-  int xx, j;
-
-  for (xx = 0; xx < out_w; xx++) {
-    for (j = 0; j < pairs; j++) {
-      double a = 2 * j < ksize ? w[xx * ksize + 2 * j] : 0.0;
-      double b = 2 * j + 1 < ksize ? w[xx * ksize + 2 * j + 1] : 0.0;
-      int32_t ia = (int32_t)lround(a * (1 << IE_H16_BITS));
-      int32_t ib = (int32_t)lround(b * (1 << IE_H16_BITS));
-
-      kp[xx * pairs + j] = (int32_t)(((uint32_t)(uint16_t)(int16_t)ib << 16) | (uint16_t)(int16_t)ia);
-    }
-  }
-}
-#endif
-
-/* RGBX tmp (width w) -> RGB rows of dst, vertically; acc: w * 4 int32 of scratch. */
-IE_CLONES static void ie_vertical(const unsigned char *tmp, int w, int out_h, int ksize, const int32_t *kk,
-                        const int *bounds, unsigned char *dst, long dst_stride, int32_t *acc)
-{
-  int yy, y, i, n4 = w * 4;
+  int yy, y, i, c, n4 = w * 4;
 
   for (yy = 0; yy < out_h; yy++) {
-    const int32_t *k = kk + yy * ksize;
+    const int16_t *k = kk + yy * kpad;
     const unsigned char *base = tmp + (size_t)bounds[yy * 2] * (size_t)n4;
     int n = bounds[yy * 2 + 1];
     unsigned char *o = dst + (long)yy * dst_stride;
 
-    for (i = 0; i < n4; i++)
-      acc[i] = 1 << (IE_PRECISION_BITS - 1);
-    for (y = 0; y < n; y++) {
-      const unsigned char *r = base + (size_t)y * (size_t)n4;
-      int32_t ky = k[y];
+    for (i = x_from; i < w; i++)
+      for (c = 0; c < 3; c++) {
+        int32_t ss = 1 << (prec - 1);
 
-      for (i = 0; i < n4; i++)
-        acc[i] += r[i] * ky;
-    }
-    for (i = 0; i < w; i++) {
-      o[i * 3 + 0] = ie_clip8(acc[i * 4 + 0]);
-      o[i * 3 + 1] = ie_clip8(acc[i * 4 + 1]);
-      o[i * 3 + 2] = ie_clip8(acc[i * 4 + 2]);
+        for (y = 0; y < n; y++)
+          ss += base[(size_t)y * (size_t)n4 + (size_t)i * 4 + (size_t)c] * k[y];
+        o[i * 3 + c] = ie_clip8(ss, prec);
+      }
+  }
+}
+
+#if IE_SSE41
+/*
+ * The vector passes: the same sums as the scalar ones, bit for bit (int16 weights, pairs of taps
+ * per pmaddwd, as Pillow-SIMD). The horizontal pass takes four rows at a time, so that each pair
+ * of weights is loaded once for them; the vertical pass keeps its sums in registers over all taps
+ * and packs RGBX to RGB on the way out.
+ *
+ * The horizontal passes read 2 * ceil(taps / 2) pixels from each output pixel's first input (the
+ * weight of one past the taps is zero), which the caller keeps inside the buffer.
+ */
+#define IE_H_ORDER() _mm_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1)
+
+__attribute__((target("sse4.1"))) static inline uint32_t ie_h_out128(__m128i acc, int prec)
+{
+  acc = _mm_srai_epi32(acc, prec);
+  acc = _mm_packus_epi16(_mm_packs_epi32(acc, acc), acc);
+  return (uint32_t)_mm_cvtsi128_si32(acc);
+}
+
+__attribute__((target("sse4.1"))) static void ie_horizontal_sse41(
+    const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp, int out_w, int kpad,
+    const int16_t *kk, const int *bounds, int prec)
+{
+  /* bytes of two pixels p0 p1 -> int16 lanes p0.r p1.r p0.g p1.g p0.b p1.b p0.x p1.x */
+  const __m128i order = IE_H_ORDER();
+  const __m128i half = _mm_set1_epi32(1 << (prec - 1));
+  size_t rs = (size_t)src_w * 4;
+  int yy, xx, j;
+
+  for (yy = 0; yy < rows; yy += 4) {
+    const unsigned char *r0 = src + (size_t)(first + yy) * rs;
+    int m = rows - yy < 4 ? rows - yy : 4; /* rows in this group: the missing ones repeat the last */
+    const unsigned char *r1 = m > 1 ? r0 + rs : r0, *r2 = m > 2 ? r0 + 2 * rs : r1, *r3 = m > 3 ? r0 + 3 * rs : r2;
+    uint32_t *o = (uint32_t *)(void *)(tmp + (size_t)yy * (size_t)out_w * 4);
+
+    for (xx = 0; xx < out_w; xx++) {
+      size_t off = (size_t)bounds[xx * 2] * 4;
+      const int16_t *k = kk + xx * kpad;
+      int n = (bounds[xx * 2 + 1] + 1) / 2;
+      __m128i a0 = half, a1 = half, a2 = half, a3 = half;
+
+      for (j = 0; j < n; j++) {
+        __m128i kj = _mm_set1_epi32(ie_pair(k + 2 * j));
+
+#define IE_H_TAP(acc, r) acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_shuffle_epi8( \
+            _mm_loadl_epi64((const __m128i *)(const void *)(r + off + 8 * (size_t)j)), order), kj))
+        IE_H_TAP(a0, r0);
+        IE_H_TAP(a1, r1);
+        IE_H_TAP(a2, r2);
+        IE_H_TAP(a3, r3);
+#undef IE_H_TAP
+      }
+      o[xx] = ie_h_out128(a0, prec);
+      if (m > 1)
+        o[out_w + xx] = ie_h_out128(a1, prec);
+      if (m > 2)
+        o[2 * out_w + xx] = ie_h_out128(a2, prec);
+      if (m > 3)
+        o[3 * out_w + xx] = ie_h_out128(a3, prec);
     }
   }
 }
+
+__attribute__((target("avx2"))) static void ie_horizontal_avx2(
+    const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp, int out_w, int kpad,
+    const int16_t *kk, const int *bounds, int prec)
+{
+  const __m256i order = _mm256_broadcastsi128_si256(IE_H_ORDER()), half = _mm256_set1_epi32(1 << (prec - 1));
+  size_t rs = (size_t)src_w * 4;
+  int yy, xx, j;
+
+  for (yy = 0; yy < rows; yy += 4) {
+    const unsigned char *r0 = src + (size_t)(first + yy) * rs;
+    int m = rows - yy < 4 ? rows - yy : 4;
+    const unsigned char *r1 = m > 1 ? r0 + rs : r0, *r2 = m > 2 ? r0 + 2 * rs : r1, *r3 = m > 3 ? r0 + 3 * rs : r2;
+    uint32_t *o = (uint32_t *)(void *)(tmp + (size_t)yy * (size_t)out_w * 4);
+
+    for (xx = 0; xx < out_w; xx++) {
+      size_t off = (size_t)bounds[xx * 2] * 4;
+      const int16_t *k = kk + xx * kpad;
+      int n = (bounds[xx * 2 + 1] + 1) / 2;
+      __m256i a01 = half, a23 = half;
+      __m128i lo, hi;
+
+      for (j = 0; j < n; j++) {
+        __m256i kj = _mm256_set1_epi32(ie_pair(k + 2 * j)), p;
+        size_t at = off + 8 * (size_t)j;
+
+        /* rows 0 and 1 in the two halves of one register, rows 2 and 3 in another */
+        p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)(r0 + at))),
+                                    _mm_loadl_epi64((const __m128i *)(const void *)(r1 + at)), 1);
+        a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(_mm256_shuffle_epi8(p, order), kj));
+        p = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)(r2 + at))),
+                                    _mm_loadl_epi64((const __m128i *)(const void *)(r3 + at)), 1);
+        a23 = _mm256_add_epi32(a23, _mm256_madd_epi16(_mm256_shuffle_epi8(p, order), kj));
+      }
+      lo = _mm256_castsi256_si128(a01);
+      hi = _mm256_extracti128_si256(a01, 1);
+      o[xx] = ie_h_out128(lo, prec);
+      if (m > 1)
+        o[out_w + xx] = ie_h_out128(hi, prec);
+      lo = _mm256_castsi256_si128(a23);
+      hi = _mm256_extracti128_si256(a23, 1);
+      if (m > 2)
+        o[2 * out_w + xx] = ie_h_out128(lo, prec);
+      if (m > 3)
+        o[3 * out_w + xx] = ie_h_out128(hi, prec);
+    }
+  }
+}
+
+/* RGBX -> RGB within each 16-byte lane: 12 bytes, then 4 zeros */
+#define IE_RGB_ORDER() _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1)
+
+/* Sums of rows a, b weighted by the pair kj, added to acc[0..3] (16 bytes of each row). */
+__attribute__((target("sse4.1"))) static inline void ie_v_taps128(__m128i a, __m128i b, __m128i kj, __m128i *acc)
+{
+  const __m128i zero = _mm_setzero_si128();
+  __m128i lo = _mm_unpacklo_epi8(a, b), hi = _mm_unpackhi_epi8(a, b);
+
+  acc[0] = _mm_add_epi32(acc[0], _mm_madd_epi16(_mm_unpacklo_epi8(lo, zero), kj));
+  acc[1] = _mm_add_epi32(acc[1], _mm_madd_epi16(_mm_unpackhi_epi8(lo, zero), kj));
+  acc[2] = _mm_add_epi32(acc[2], _mm_madd_epi16(_mm_unpacklo_epi8(hi, zero), kj));
+  acc[3] = _mm_add_epi32(acc[3], _mm_madd_epi16(_mm_unpackhi_epi8(hi, zero), kj));
+}
+
+/* The vertical pass, 4 pixels (16 bytes) at a time; returns the first pixel it left to the scalar
+ * code. An RGB store writes 16 bytes for 12: where the 4 past them are not the next pixels' (which
+ * come later), at a row's end, it goes through a local buffer. */
+__attribute__((target("sse4.1"))) static int ie_vertical_sse41(
+    const unsigned char *tmp, int w, int out_h, int kpad, const int16_t *kk, const int *bounds, int prec,
+    unsigned char *dst, long dst_stride)
+{
+  const __m128i half = _mm_set1_epi32(1 << (prec - 1)), rgb = IE_RGB_ORDER();
+  size_t n4 = (size_t)w * 4;
+  int yy, y, i, stop = (w / 4) * 4;
+
+  for (yy = 0; yy < out_h; yy++) {
+    const int16_t *k = kk + yy * kpad;
+    const unsigned char *base = tmp + (size_t)bounds[yy * 2] * n4;
+    int n = bounds[yy * 2 + 1];
+    unsigned char *o = dst + (long)yy * dst_stride;
+
+    for (i = 0; i < stop; i += 4) {
+      __m128i acc[4] = { half, half, half, half }, p01, p23, px;
+      const unsigned char *col = base + (size_t)i * 4;
+
+      for (y = 0; y + 1 < n; y += 2)
+        ie_v_taps128(_mm_loadu_si128((const __m128i *)(const void *)(col + (size_t)y * n4)),
+                     _mm_loadu_si128((const __m128i *)(const void *)(col + (size_t)(y + 1) * n4)),
+                     _mm_set1_epi32(ie_pair(k + y)), acc);
+      if (y < n) /* an odd number of taps: the last row with a zero partner */
+        ie_v_taps128(_mm_loadu_si128((const __m128i *)(const void *)(col + (size_t)y * n4)), _mm_setzero_si128(),
+                     _mm_set1_epi32((int32_t)(uint16_t)k[y]), acc);
+      p01 = _mm_packs_epi32(_mm_srai_epi32(acc[0], prec), _mm_srai_epi32(acc[1], prec));
+      p23 = _mm_packs_epi32(_mm_srai_epi32(acc[2], prec), _mm_srai_epi32(acc[3], prec));
+      px = _mm_shuffle_epi8(_mm_packus_epi16(p01, p23), rgb);
+      if (i + 6 <= w) {
+        _mm_storeu_si128((__m128i *)(void *)(o + i * 3), px);
+      } else {
+        unsigned char last[16];
+
+        _mm_storeu_si128((__m128i *)(void *)last, px);
+        memcpy(o + i * 3, last, 12);
+      }
+    }
+  }
+  return stop;
+}
+
+__attribute__((target("avx2"))) static inline void ie_v_taps256(__m256i a, __m256i b, __m256i kj, __m256i *acc)
+{
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+
+  acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), kj));
+  acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), kj));
+  acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), kj));
+  acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), kj));
+}
+
+/* As ie_vertical_sse41, 8 pixels (32 bytes) at a time. */
+__attribute__((target("avx2"))) static int ie_vertical_avx2(
+    const unsigned char *tmp, int w, int out_h, int kpad, const int16_t *kk, const int *bounds, int prec,
+    unsigned char *dst, long dst_stride)
+{
+  const __m256i half = _mm256_set1_epi32(1 << (prec - 1)), rgb = _mm256_broadcastsi128_si256(IE_RGB_ORDER());
+  size_t n4 = (size_t)w * 4;
+  int yy, y, i, stop = (w / 8) * 8;
+
+  for (yy = 0; yy < out_h; yy++) {
+    const int16_t *k = kk + yy * kpad;
+    const unsigned char *base = tmp + (size_t)bounds[yy * 2] * n4;
+    int n = bounds[yy * 2 + 1];
+    unsigned char *o = dst + (long)yy * dst_stride;
+
+    for (i = 0; i < stop; i += 8) {
+      __m256i acc[4] = { half, half, half, half }, p01, p23, px;
+      const unsigned char *col = base + (size_t)i * 4;
+
+      for (y = 0; y + 1 < n; y += 2)
+        ie_v_taps256(_mm256_loadu_si256((const __m256i *)(const void *)(col + (size_t)y * n4)),
+                     _mm256_loadu_si256((const __m256i *)(const void *)(col + (size_t)(y + 1) * n4)),
+                     _mm256_set1_epi32(ie_pair(k + y)), acc);
+      if (y < n)
+        ie_v_taps256(_mm256_loadu_si256((const __m256i *)(const void *)(col + (size_t)y * n4)),
+                     _mm256_setzero_si256(), _mm256_set1_epi32((int32_t)(uint16_t)k[y]), acc);
+      /* unpack and pack are inverses lane by lane: the bytes come back in order */
+      p01 = _mm256_packs_epi32(_mm256_srai_epi32(acc[0], prec), _mm256_srai_epi32(acc[1], prec));
+      p23 = _mm256_packs_epi32(_mm256_srai_epi32(acc[2], prec), _mm256_srai_epi32(acc[3], prec));
+      px = _mm256_shuffle_epi8(_mm256_packus_epi16(p01, p23), rgb);
+      if (i + 10 <= w) {
+        _mm_storeu_si128((__m128i *)(void *)(o + i * 3), _mm256_castsi256_si128(px));
+        _mm_storeu_si128((__m128i *)(void *)(o + i * 3 + 12), _mm256_extracti128_si256(px, 1));
+      } else {
+        unsigned char last[28];
+
+        _mm_storeu_si128((__m128i *)(void *)last, _mm256_castsi256_si128(px));
+        _mm_storeu_si128((__m128i *)(void *)(last + 12), _mm256_extracti128_si256(px, 1));
+        memcpy(o + i * 3, last, 24);
+      }
+    }
+  }
+  return stop;
+}
+#endif
 
 /*
  * Decode the window [x0, x0 + w) x [y0, y0 + h) as ie_decode() does, into work, then resize the box
@@ -606,13 +808,12 @@ int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, i
                      unsigned long work_size, int *got, char *msg, int msglen)
 {
   struct ie_filter f;
-  size_t window_bytes = ie_window_bytes(w, h);
+  size_t window_bytes = ie_window_bytes(w, h), reach;
   float box[4];
-  int kh, kv, rc, first, last, i, win_w, win_h;
-  int32_t *kk_h = NULL, *kk_v = NULL, *acc = NULL, *kp = NULL;
-  int *b_h = NULL, *b_v = NULL, pairs;
-  size_t reach;
-  double *w_tmp = NULL, *wn = NULL;
+  int kh, kv, ph, pv, prec_h, prec_v, rc, first, last, i, win_w, win_h, x_from = 0, vec = 0;
+  int16_t *k_h = NULL, *k_v = NULL;
+  int *b_h = NULL, *b_v = NULL;
+  double *w_tmp = NULL, *wn_h = NULL, *wn_v = NULL;
   unsigned char *tmp;
 
   if (!ie_pick_filter(filter, &f)) {
@@ -636,22 +837,31 @@ int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, i
   box[3] = (float)(by1 - got[4]);
   kh = ie_ksize(box[0], box[2], out_w, &f);
   kv = ie_ksize(box[1], box[3], out_h, &f);
-  pairs = (kh + 1) / 2;
-  kk_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)out_w * (size_t)kh);
-  kk_v = (int32_t *)malloc(sizeof(int32_t) * (size_t)out_h * (size_t)kv);
+  ph = (kh + 1) & ~1; /* taps padded to pairs */
+  pv = (kv + 1) & ~1;
+  k_h = (int16_t *)malloc(sizeof(int16_t) * (size_t)out_w * (size_t)ph);
+  k_v = (int16_t *)malloc(sizeof(int16_t) * (size_t)out_h * (size_t)pv);
   b_h = (int *)malloc(sizeof(int) * 2 * (size_t)out_w);
   b_v = (int *)malloc(sizeof(int) * 2 * (size_t)out_h);
   w_tmp = (double *)malloc(sizeof(double) * (size_t)(kh > kv ? kh : kv));
-  acc = (int32_t *)malloc(sizeof(int32_t) * 4 * (size_t)out_w);
-  wn = (double *)malloc(sizeof(double) * (size_t)out_w * (size_t)kh);
-  kp = (int32_t *)malloc(sizeof(int32_t) * (size_t)out_w * (size_t)pairs);
-  if (!kk_h || !kk_v || !b_h || !b_v || !w_tmp || !acc || !wn || !kp) {
+  wn_h = (double *)malloc(sizeof(double) * (size_t)out_w * (size_t)kh);
+  wn_v = (double *)malloc(sizeof(double) * (size_t)out_h * (size_t)kv);
+  if (!k_h || !k_v || !b_h || !b_v || !w_tmp || !wn_h || !wn_v) {
     rc = IE_BAD_ARGS;
     ie_set_message(msg, msglen, "out of memory");
     goto done;
   }
-  ie_coeffs(win_w, box[0], box[2], out_w, &f, kh, kk_h, b_h, w_tmp, wn);
-  ie_coeffs(win_h, box[1], box[3], out_h, &f, kv, kk_v, b_v, w_tmp, NULL);
+  ie_coeffs(win_w, box[0], box[2], out_w, &f, kh, b_h, w_tmp, wn_h);
+  ie_coeffs(win_h, box[1], box[3], out_h, &f, kv, b_v, w_tmp, wn_v);
+  prec_h = ie_precision(wn_h, out_w * kh);
+  prec_v = ie_precision(wn_v, out_h * kv);
+  if (prec_h < 1 || prec_v < 1) {
+    rc = IE_BAD_ARGS;
+    ie_set_message(msg, msglen, "filter weights out of range");
+    goto done;
+  }
+  ie_weights16(wn_h, out_w, kh, ph, prec_h, k_h);
+  ie_weights16(wn_v, out_h, kv, pv, prec_v, k_v);
   /* the horizontal pass covers only the rows the vertical pass reads */
   first = b_v[0];
   last = b_v[(out_h - 1) * 2] + b_v[(out_h - 1) * 2 + 1];
@@ -664,26 +874,33 @@ int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, i
     b_v[i * 2] -= first;
   tmp = work + window_bytes;
 #if IE_SSE41
-  /* the vector passes read up to 2 * pairs pixels from each output pixel's first input: they must
-   * stay inside the window's buffer (the weights of those past the taps are zero) */
-  reach = ((size_t)(last - 1) * (size_t)win_w + (size_t)b_h[(out_w - 1) * 2] + 2 * (size_t)pairs) * 4;
-  if (!(flags & IE_SCALAR) && reach <= window_bytes && ie_fits16(wn, out_w * kh) &&
-      __builtin_cpu_supports("sse4.1")) {
-    ie_pairs16(wn, out_w, kh, pairs, kp);
-    ie_horizontal_sse41(work, win_w, first, last - first, tmp, out_w, pairs, kp, b_h);
-  } else
+  /* the vector horizontal passes read up to ph pixels from each output pixel's first input: they
+   * must stay inside the window's buffer (the weights of those past the taps are zero) */
+  reach = ((size_t)(last - 1) * (size_t)win_w + (size_t)b_h[(out_w - 1) * 2] + (size_t)ph) * 4;
+  if (!(flags & IE_SCALAR))
+    vec = __builtin_cpu_supports("avx2") ? 2 : (__builtin_cpu_supports("sse4.1") ? 1 : 0);
+  if (vec == 2 && reach <= window_bytes)
+    ie_horizontal_avx2(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
+  else if (vec == 1 && reach <= window_bytes)
+    ie_horizontal_sse41(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
+  else
 #endif
-    ie_horizontal(work, win_w, first, last - first, tmp, out_w, kh, kk_h, b_h);
-  ie_vertical(tmp, out_w, out_h, kv, kk_v, b_v, dst, dst_stride, acc);
+    ie_horizontal(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
+#if IE_SSE41
+  if (vec == 2)
+    x_from = ie_vertical_avx2(tmp, out_w, out_h, pv, k_v, b_v, prec_v, dst, dst_stride);
+  else if (vec == 1)
+    x_from = ie_vertical_sse41(tmp, out_w, out_h, pv, k_v, b_v, prec_v, dst, dst_stride);
+#endif
+  ie_vertical(tmp, out_w, out_h, x_from, pv, k_v, b_v, prec_v, dst, dst_stride); /* what is left */
   rc = IE_OK;
 done:
-  free(wn);
-  free(kp);
-  free(kk_h);
-  free(kk_v);
+  free(k_h);
+  free(k_v);
   free(b_h);
   free(b_v);
   free(w_tmp);
-  free(acc);
+  free(wn_h);
+  free(wn_v);
   return rc;
 }

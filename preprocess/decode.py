@@ -29,8 +29,9 @@ accuracy difference (README, "Profiling"; ``bench/bench_decode.py``):
 - JPEGs in YCbCr, RGB or grayscale go through the region decoder
   (:mod:`preprocess.jpegregion`, a small C library over libjpeg-turbo) where
   it is built: only the window of the image that the crop's resize reads is
-  decoded, the crop's box is resized in C with Pillow's filters and weights
-  and written as RGB into ``out``. Where it is not built, ``simplejpeg``
+  decoded, the crop's box is resized in C with Pillow-SIMD's filters and
+  weights (the same pixels as its ``Image.resize(size, box=...)``) and
+  written as RGB into ``out``. Where it is not built, ``simplejpeg``
   decodes the whole image into a reused RGBX buffer and Pillow resizes the
   box;
 - JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8 only: the other
@@ -437,7 +438,7 @@ def _fast_jpeg_region(
     box, (x0, y0, w, h) = _crop_window(full, scaled, size, scale, out, resample)
     flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
     if resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
-        # decode, resize and write RGB into `out` in one call (Pillow's resize arithmetic, in C)
+        # decode, resize and write RGB into `out` in one call (Pillow-SIMD's resize arithmetic, in C)
         src_w, src_h = right - left, bottom - top
         if src_w != crop_w or src_h != crop_h:
             out.fill(0)  # the crop is larger than the image along some axis: zeros, as in exact mode

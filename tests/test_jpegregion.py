@@ -1,8 +1,10 @@
 """Fast mode's region decoder (preprocess/_jpegregion.c through preprocess/jpegregion.py).
 
-Its windows hold the same library's full-decode pixels; its resize is Pillow's within 1; the files
-it refuses or warns about go to Pillow (so fast mode fails exactly where exact mode fails); it never
-hangs on the skip pattern that hangs libjpeg-turbo 2.1.5; and the build/check command works.
+Its windows hold the same library's full-decode pixels; its resize is Pillow-SIMD's bit for bit
+(stock Pillow's within 1), its vector and scalar passes the same; the files it refuses or warns
+about go to Pillow (so fast mode fails exactly where exact mode fails); the rows below the window of
+a whole file are not decoded, those of a file cut short are; it never hangs on the skip pattern that
+hangs libjpeg-turbo 2.1.5; and the build/check command works.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from preprocess import decode as dec
 from preprocess import jpegregion
 
 REGION = jpegregion.load()
+try:  # the C resize is Pillow-SIMD's arithmetic: equal to it, within 1 of stock Pillow
+    from importlib.metadata import version as _version
+
+    PILLOW_SIMD = bool(_version("pillow-simd"))
+except Exception:  # noqa: BLE001 -- PackageNotFoundError, or no importlib.metadata
+    PILLOW_SIMD = False
 needs_region = pytest.mark.skipif(REGION is None, reason=f"region decoder not built: {jpegregion.status()}")
 
 
@@ -89,9 +97,9 @@ def test_odd_skip_with_merged_upsampling_does_not_hang():
 @needs_region
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "box", "hamming"])
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (341, 256), (1200, 900), (2000, 60), (200, 150)])
-def test_resize_in_c_is_pillows_within_one(interpolation, size, monkeypatch):
+def test_resize_in_c_is_pillows(interpolation, size, monkeypatch):
     """The one-call path (window + resize in C) against the window decoded alone and resized by
-    Pillow: within 1 (16-bit weights in the vector pass; Pillow-SIMD rounds its own differently)."""
+    Pillow: the same with Pillow-SIMD (its int16 weights), within 1 of stock Pillow (22-bit)."""
     data = _jpeg(*size, seed=size[0], quality=90)
     done = []
     real = REGION.decode_resize
@@ -102,25 +110,31 @@ def test_resize_in_c_is_pillows_within_one(interpolation, size, monkeypatch):
     assert len(done) == 1  # the C resize ran and returned (no fallback to Pillow)
     dec.preprocess_into(data, b, 256, interpolation, "fast")
     assert len(done) == 1
+    if PILLOW_SIMD:
+        np.testing.assert_array_equal(a, b)
     d = np.abs(a.astype(np.int16) - b)
     assert d.max() <= 1 and (d > 0).mean() < 0.03, (d.max(), (d > 0).mean())  # lanczos: ~1 %
 
 
 @needs_region
-def test_vector_and_scalar_resize_agree(monkeypatch):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos"])
+def test_vector_and_scalar_resize_agree(interpolation, monkeypatch):
+    """The SSE4.1/AVX2 passes compute the scalar passes' sums: the same pixels, at every crop width
+    (the vector passes leave a row's last pixels to the scalar code)."""
     data = [_jpeg(500, 375, 1, quality=90), _jpeg(2100, 1600, 2, quality=85), _jpeg(333, 500, 3, quality=95)]
-    outs = {}
-    for scalar in (False, True):
-        # IE_SCALAR (8) rides on the flags argument: the test-only switch of the C code
-        monkeypatch.setattr(jpegregion, "FASTDCT", 8 if scalar else 1)
-        got = []
-        for d in data:
-            out = np.zeros((224, 224, 3), np.uint8)
-            dec._preprocess_fast(d, out, 256, Image.BILINEAR, None, fastdct=scalar)
-            got.append(out)
-        outs[scalar] = np.stack(got)
-    d = np.abs(outs[False].astype(np.int16) - outs[True])
-    assert d.max() <= 1 and (d > 0).mean() < 0.01
+    resample = dec.INTERPOLATIONS[interpolation]
+    for crop in (224, 13, 9, 7, 1):
+        outs = {}
+        for scalar in (False, True):
+            # IE_SCALAR (8) rides on the flags argument: the test-only switch of the C code
+            monkeypatch.setattr(jpegregion, "FASTDCT", 8 if scalar else 1)
+            got = []
+            for d in data:
+                out = np.zeros((crop, crop + 3, 3), np.uint8)
+                dec._preprocess_fast(d, out, 256, resample, None, fastdct=scalar)
+                got.append(out)
+            outs[scalar] = np.stack(got)
+        np.testing.assert_array_equal(outs[False], outs[True], err_msg=f"crop {crop}")
 
 
 @needs_region
@@ -142,8 +156,8 @@ def test_fast_mode_uses_it_and_matches_the_whole_image_path(monkeypatch):
 @needs_region
 @pytest.mark.parametrize("cut", [0.3, 0.97])
 def test_damage_below_the_window_is_seen(cut):
-    """A file cut inside the rows under the crop (0.97) fails in fast mode as in exact mode: the
-    rows after the window are entropy-decoded to the end."""
+    """A file cut inside the rows under the crop (0.97) fails in fast mode as in exact mode: it does
+    not end with its EOI marker, so the rows after the window are entropy-decoded to the end."""
     full = _jpeg(375, 500, 4, quality=92)
     data = full[: int(len(full) * cut)]
     reasons = []
@@ -156,6 +170,31 @@ def test_damage_below_the_window_is_seen(cut):
     assert reasons[0] is not None and reasons[0] == reasons[1], reasons
     with pytest.raises(jpegregion.RegionError):
         _window(data, 1, 0, (80, 80, 200, 200))
+
+
+@needs_region
+def test_rows_below_the_window_of_a_whole_file_are_not_decoded(monkeypatch):
+    """Bytes garbled in the last rows of a file that still ends with EOI: the window above decodes
+    without a word from libjpeg (those rows were never read), and exact mode's output is still
+    Pillow's decode of the damaged file, resized and cropped (Pillow ignores the warnings)."""
+    full = _jpeg(375, 500, 4, quality=92)
+    rng = np.random.default_rng(3)
+    garbled = bytearray(full)
+    tail = slice(len(full) - 400, len(full) - 2)
+    garbled[tail] = bytes(rng.integers(0, 255, tail.stop - tail.start, dtype=np.uint8))  # no 0xFF: no marker
+    garbled = bytes(garbled)
+    with pytest.raises(jpegregion.RegionError):
+        _window(garbled, 1, 0, (0, 0, 375, 500))  # the whole image reads the damage: a warning
+    _window(garbled, 1, 0, (80, 80, 200, 200))  # rows 80-280 of 500: no error
+    img = Image.open(io.BytesIO(garbled)).convert("RGB").resize((256, 341), Image.BILINEAR)
+    ref = np.asarray(img.crop((16, 58, 240, 282)))
+    used = []
+    real = REGION.decode_placed
+    monkeypatch.setattr(REGION, "decode_placed", lambda *a: used.append(real(*a)) or used[-1])
+    out = np.zeros((224, 224, 3), np.uint8)
+    dec.preprocess_into(garbled, out, 256, "bilinear", "exact")
+    assert len(used) == 1  # the region decoder took it (no fallback to Pillow)
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_status_says_why_when_not_built(monkeypatch, tmp_path):
