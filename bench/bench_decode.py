@@ -21,9 +21,11 @@
       EfficientNet-Lite0 when its wheel is installed, else the proxy); --data DIR runs all of this on
       your own images instead of the synthetic set.
 
---repeat rounds, each: per core, per image, every contender in turn (they share the same moments);
-then one pool run per mode (order alternating). Figures and ratios are medians over the rounds, each
-ratio taken within a round, since this machine's speed drifts by 20 % and more over minutes. The
+--repeat rounds, each: per core, every contender in turn on blocks of --block images (the order
+rotating; a block is a steady state, as in a worker, and the contenders' blocks are a second or two
+apart, so they share the machine's moment); then one pool run per mode (order alternating). Figures
+and ratios are medians over the rounds, each ratio taken within a round, since this machine's speed
+drifts by 20 % and more over minutes. The
 DataLoader: the best of --repeat runs. Targets (issue 4): exact pool per worker >= 0.85 x Pillow
 decode-only per core; fast pool per worker >= 1.2 x exact pool per worker and >= 0.8 x the fastest
 libjpeg-turbo decode-only rate (printed against both its fast options and the accurate settings
@@ -108,17 +110,20 @@ def _contenders():
     if dec._REGION is not None:
         from preprocess import jpegregion
 
-        def window_only(data, out, full, scaled, size, scale, resample, fastdct, fastupsample):
-            _, win = dec._crop_window(full, scaled, size, scale, out, resample)
+        def decode_alone(d):
+            # fast mode's one call told to stop after the decode: its window, at its DCT scale
             try:
-                dec._REGION.decode(data, scale, 0, win, dec._scratch(jpegregion.window_bytes(win[2], win[3])))
+                work = dec._scratch_all()
+                need = dec._REGION.fast_crop(d, out, 256, Image.BILINEAR, jpegregion.DECODE_ONLY, 0, -1, work)
+                if need:
+                    dec._REGION.fast_crop(d, out, 256, Image.BILINEAR, jpegregion.DECODE_ONLY, 0, -1,
+                                          dec._scratch(need))
             except (jpegregion.RegionError, ValueError):
-                return False  # Pillow takes it, as in fast mode
-            return True
+                prep("fast")(d)  # what fast mode does with the files it refuses: Pillow
 
         # fast mode with its resize taken out: what it decodes, nothing else. Exact mode over this is
         # the most fast / exact could reach with a resize that cost nothing.
-        contenders["fast mode's decode alone (no resize)"] = with_setting("_fast_jpeg_region", window_only, "fast")
+        contenders["fast mode's decode alone (no resize)"] = decode_alone
 
     return {
         "decode Pillow": pillow,
@@ -146,28 +151,32 @@ def _load(paths):
     _FNS = _contenders()
 
 
-def _interleaved(repeat: int) -> dict:
-    """img/s of every contender: per image, each contender in turn, `repeat` rounds; the median
-    time per image and contender, summed. Contenders thus share the same moments, and a spike of
-    load from other processes drops out without picking each contender's luckiest moment."""
-    times = {k: [[] for _ in _BLOBS] for k in _FNS}
-    for _ in range(repeat):
-        for i, d in enumerate(_BLOBS):
-            for name, fn in _FNS.items():
-                t = time.perf_counter()
+def _blocks(block: int) -> dict:
+    """img/s of every contender, in blocks: each contender decodes `block` images in turn (the
+    order rotating from block to block), over all the images. A block is a steady state, as in a
+    worker that runs one mode (caches and allocator warm for it: measured one image at a time in
+    turn, exact mode lost 5-10 % more than fast mode to the others' traffic), and the contenders'
+    blocks are a second or two apart, so they share the machine's moment."""
+    names = list(_FNS)
+    spent = {k: 0.0 for k in names}
+    for b, start in enumerate(range(0, len(_BLOBS), block)):
+        chunk = _BLOBS[start:start + block]
+        for name in names[b % len(names):] + names[:b % len(names)]:
+            fn = _FNS[name]
+            t = time.perf_counter()
+            for d in chunk:
                 fn(d)
-                times[name][i].append(time.perf_counter() - t)
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {k: len(v) / sum(med(x) for x in v) for k, v in times.items()}
+            spent[name] += time.perf_counter() - t
+    return {k: len(_BLOBS) / v for k, v in spent.items()}
 
 
-def per_core(paths, repeat: int, procs: int = 1):
+def per_core(paths, block: int, procs: int = 1):
     """img/s per core of each contender, measured in `procs` processes at once (the pool's
     concurrency: both then see the same all-core clock and memory traffic); the mean over them."""
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(procs, initializer=_load, initargs=(list(paths),)) as ex:
-        runs = list(ex.map(_interleaved, [repeat] * procs))
+        runs = list(ex.map(_blocks, [block] * procs))
     return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
@@ -188,9 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="your own images (an ImageFolder, or any folder of images) instead")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5,
+    p.add_argument("--repeat", type=int, default=7,
                    help="rounds (each: the per-core contenders once per image, one pool run per mode), and "
                         "DataLoader runs (default: %(default)s)")
+    p.add_argument("--block", type=int, default=50,
+                   help="images each per-core contender decodes in turn (default: %(default)s)")
     p.add_argument("--no-dataloader", action="store_true", help="skip the torchvision DataLoader baseline")
     p.add_argument("--agreement", action="store_true", help="also top-1 agreement, fast against exact")
     a = p.parse_args(argv)
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
     median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     rounds, dl = [], 0.0
     for i in range(a.repeat):
-        r = {"per_core": per_core(paths, 1, a.workers)}
+        r = {"per_core": per_core(paths, a.block, a.workers)}
         for mode in ("exact", "fast") if i % 2 == 0 else ("fast", "exact"):
             r[mode] = pool_per_worker(data, a.workers, a.batch_size, a.pool_images, mode)
         rounds.append(r)

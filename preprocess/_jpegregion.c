@@ -36,13 +36,14 @@
 #endif
 
 /* Bumped whenever a signature or a meaning below changes; checked by jpegregion.py. */
-#define IE_ABI 4
+#define IE_ABI 5
 
 /* Return codes */
 #define IE_OK 0
 #define IE_UNSUPPORTED 1 /* not a colour space we convert like Pillow (CMYK, YCCK, ...) */
 #define IE_JPEG_ERROR 2  /* libjpeg error or warning; the message is in msg */
 #define IE_BAD_ARGS 3    /* the caller's region or buffer does not fit; the message is in msg */
+#define IE_NEED_WORK 4   /* ie_fast_crop: the work buffer is too small (the size needed is in info[2]) */
 
 /* Flags */
 #define IE_FASTDCT 1      /* JDCT_IFAST instead of the accurate JDCT_ISLOW */
@@ -50,6 +51,7 @@
 #define IE_MIN_CROP 32 /* narrowest window decoded (pixels) */
 
 #define IE_SCALAR 8       /* resize with the scalar code even where SSE4.1/AVX2 are there (tests) */
+#define IE_DECODE_ONLY 16 /* ie_fast_crop: decode the window, resize nothing (bench_decode's ceiling) */
 
 struct ie_error {
   struct jpeg_error_mgr pub;
@@ -166,14 +168,24 @@ int ie_header(const unsigned char *data, unsigned long size, int *info, char *ms
  * rows are got[1] * 4 bytes apart. got[2], got[3]: the scaled image's width and height. out must hold (max(w, 32) + 32) * (h + 64) * 4 bytes (32:
  * the widest iMCU; 64: two of the tallest iMCU rows).
  */
+/* What to decode, when it depends on the image's size: ie_decode_at calls fn with the header's size
+ * (before anything is decoded), and fn fills denom, the window and out, or returns a code that ends
+ * the decode (ie_fast_crop's geometry). */
+struct ie_plan {
+  int (*fn)(struct ie_plan *plan, int width, int height);
+  int denom, x0, y0, w, h;
+  unsigned char *out;
+  unsigned long out_size;
+};
+
 static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
                        int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
-                       char *msg, int msglen);
+                       char *msg, int msglen, struct ie_plan *plan);
 
 int ie_decode(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0, int w,
               int h, unsigned char *out, unsigned long out_size, int *got, char *msg, int msglen)
 {
-  return ie_decode_at(data, size, denom, flags, x0, y0, w, h, out, out_size, 0, got, msg, msglen);
+  return ie_decode_at(data, size, denom, flags, x0, y0, w, h, out, out_size, 0, got, msg, msglen, NULL);
 }
 
 /*
@@ -192,7 +204,7 @@ int ie_decode_placed(const unsigned char *data, unsigned long size, int denom, i
     return IE_BAD_ARGS;
   }
   return ie_decode_at(data, size, denom, flags, x0, y0, w, h, out, out_size, (size_t)out_stride, got, msg,
-                      msglen);
+                      msglen, NULL);
 }
 
 /* Whether the data ends with an EOI marker (FF D9). Entropy-coded data cannot hold one (a 0xFF
@@ -202,23 +214,125 @@ static int ie_ends_with_eoi(const unsigned char *data, unsigned long size)
   return size >= 4 && data[size - 2] == 0xFF && data[size - 1] == 0xD9;
 }
 
-/* placed_stride 0: the window packed at out (ie_decode); else placed in the image (ie_decode_placed) */
-static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
-                       int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
-                       char *msg, int msglen)
+/* The rows of ie_decode_at, once the header is read (a longjmp from libjpeg lands in ie_decode_at,
+ * which destroys cinfo). */
+static int ie_decode_rows(struct jpeg_decompress_struct *cinfo, const unsigned char *data, unsigned long size,
+                          int denom, int flags, int x0, int y0, int w, int h, unsigned char *out,
+                          unsigned long out_size, size_t placed_stride, int *got, char *msg, int msglen)
 {
-  struct jpeg_decompress_struct cinfo;
-  struct ie_error err;
   JDIMENSION xoff, width, imcu, start, stop, skip;
   JSAMPROW rows[16];
   size_t stride;
   int i, n;
 
-  if (denom != 1 && denom != 2 && denom != 4 && denom != 8) {
+  cinfo->out_color_space = JCS_EXT_RGBX;
+  cinfo->scale_num = 1;
+  cinfo->scale_denom = (unsigned int)denom;
+  cinfo->dct_method = (flags & IE_FASTDCT) ? JDCT_IFAST : JDCT_ISLOW;
+  cinfo->do_fancy_upsampling = (flags & IE_FASTUPSAMPLE) ? FALSE : TRUE;
+  jpeg_calc_output_dimensions(cinfo);
+  got[2] = (int)cinfo->output_width;
+  got[3] = (int)cinfo->output_height;
+  if ((JDIMENSION)x0 + (JDIMENSION)w > cinfo->output_width ||
+      (JDIMENSION)y0 + (JDIMENSION)h > cinfo->output_height) {
+    ie_set_message(msg, msglen, "region outside the scaled image");
+    return IE_BAD_ARGS;
+  }
+  if (placed_stride ? (placed_stride < (size_t)cinfo->output_width * 4 ||
+                       placed_stride * cinfo->output_height > out_size)
+                    : ie_window_bytes(w, h) > out_size) {
+    ie_set_message(msg, msglen, "output buffer too small");
+    return IE_BAD_ARGS;
+  }
+  jpeg_start_decompress(cinfo);
+  xoff = (JDIMENSION)x0;
+  width = (JDIMENSION)w;
+  if (width < IE_MIN_CROP) {
+    /* libjpeg-turbo's fancy upsampling is wrong inside windows 1 or 2 pixels wide (the whole
+     * window is its edge): no window narrower than IE_MIN_CROP */
+    xoff = xoff > (IE_MIN_CROP - width) / 2 ? xoff - (IE_MIN_CROP - width) / 2 : 0;
+    width = IE_MIN_CROP;
+    if (xoff + width > cinfo->output_width) {
+      width = cinfo->output_width < IE_MIN_CROP ? cinfo->output_width : IE_MIN_CROP;
+      xoff = cinfo->output_width - width;
+    }
+  }
+  if (width < cinfo->output_width)
+    jpeg_crop_scanline(cinfo, &xoff, &width);
+  got[0] = (int)xoff;
+  got[1] = (int)width;
+  stride = (size_t)width * 4;
+#if JPEG_LIB_VERSION >= 70
+  imcu = (JDIMENSION)(cinfo->max_v_samp_factor * cinfo->min_DCT_v_scaled_size);
+#else
+  imcu = (JDIMENSION)(cinfo->max_v_samp_factor * cinfo->min_DCT_scaled_size);
+#endif
+  if (imcu < 1)
+    imcu = 1;
+  start = ((JDIMENSION)y0 / imcu) * imcu;
+  stop = (((JDIMENSION)(y0 + h) + imcu - 1) / imcu) * imcu;
+  if (stop > cinfo->output_height)
+    stop = cinfo->output_height;
+  got[4] = (int)start;
+  got[5] = (int)(stop - start);
+  if (start > 0 && jpeg_skip_scanlines(cinfo, start) != start) {
+    ie_set_message(msg, msglen, "could not skip to the region");
+    return IE_JPEG_ERROR;
+  }
+  while (cinfo->output_scanline < stop) {
+    n = (int)(stop - cinfo->output_scanline);
+    if (n > 16)
+      n = 16;
+    for (i = 0; i < n; i++)
+      rows[i] = placed_stride
+                    ? out + (size_t)(cinfo->output_scanline + (JDIMENSION)i) * placed_stride + (size_t)xoff * 4
+                    : out + (size_t)(cinfo->output_scanline - start + (JDIMENSION)i) * stride;
+    if (jpeg_read_scanlines(cinfo, rows, (JDIMENSION)n) == 0)
+      goto no_rows;
+  }
+  if (cinfo->output_scanline < cinfo->output_height && ie_ends_with_eoi(data, size)) {
+    /* The rows below the window: nothing of them is needed, and the file is whole (it ends with
+     * its EOI marker), so they are not decoded at all. Damage inside their entropy-coded data
+     * gives libjpeg warnings only, which Pillow ignores: the file decodes there too, with the
+     * same pixels above the damage. */
+    jpeg_skip_scanlines(cinfo, cinfo->output_height - cinfo->output_scanline);
+  } else if (cinfo->output_scanline < cinfo->output_height) {
+    /* A file that does not end with EOI (cut short, or bytes after its EOI): the rows below the
+     * window are entropy-decoded (skipping to the very end would not read them at all), then the
+     * last row is read, so that a cut anywhere in the file is seen, as Pillow sees it. */
+    skip = cinfo->output_height - cinfo->output_scanline - 1;
+    if (skip > 0 && jpeg_skip_scanlines(cinfo, skip) != skip) {
+      ie_set_message(msg, msglen, "could not skip past the region");
+      return IE_JPEG_ERROR;
+    }
+    rows[0] = (JSAMPROW)(*cinfo->mem->alloc_large)((j_common_ptr)cinfo, JPOOL_IMAGE, stride);
+    while (cinfo->output_scanline < cinfo->output_height)
+      if (jpeg_read_scanlines(cinfo, rows, 1) == 0)
+        goto no_rows;
+  }
+  jpeg_finish_decompress(cinfo);
+  return IE_OK;
+no_rows: /* never seen from an in-memory source; rather than loop, Pillow takes the file */
+  ie_set_message(msg, msglen, "libjpeg returned no rows");
+  return IE_JPEG_ERROR;
+}
+
+
+/* placed_stride 0: the window packed at out (ie_decode); else placed in the image (ie_decode_placed).
+ * plan: NULL, or what replaces denom, the window and out once the header is read. */
+static int ie_decode_at(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
+                       int w, int h, unsigned char *out, unsigned long out_size, size_t placed_stride, int *got,
+                       char *msg, int msglen, struct ie_plan *plan)
+{
+  struct jpeg_decompress_struct cinfo;
+  struct ie_error err;
+  int rc;
+
+  if (plan == NULL && (denom != 1 && denom != 2 && denom != 4 && denom != 8)) {
     ie_set_message(msg, msglen, "denom must be 1, 2, 4 or 8");
     return IE_BAD_ARGS;
   }
-  if (x0 < 0 || y0 < 0 || w < 1 || h < 1) {
+  if (plan == NULL && (x0 < 0 || y0 < 0 || w < 1 || h < 1)) {
     ie_set_message(msg, msglen, "empty or negative region");
     return IE_BAD_ARGS;
   }
@@ -236,102 +350,22 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
     ie_set_message(msg, msglen, "colour space not decoded here");
     return IE_UNSUPPORTED;
   }
-  cinfo.out_color_space = JCS_EXT_RGBX;
-  cinfo.scale_num = 1;
-  cinfo.scale_denom = (unsigned int)denom;
-  cinfo.dct_method = (flags & IE_FASTDCT) ? JDCT_IFAST : JDCT_ISLOW;
-  cinfo.do_fancy_upsampling = (flags & IE_FASTUPSAMPLE) ? FALSE : TRUE;
-  jpeg_calc_output_dimensions(&cinfo);
-  got[2] = (int)cinfo.output_width;
-  got[3] = (int)cinfo.output_height;
-  if ((JDIMENSION)x0 + (JDIMENSION)w > cinfo.output_width ||
-      (JDIMENSION)y0 + (JDIMENSION)h > cinfo.output_height) {
-    jpeg_destroy_decompress(&cinfo);
-    ie_set_message(msg, msglen, "region outside the scaled image");
-    return IE_BAD_ARGS;
-  }
-  if (placed_stride ? (placed_stride < (size_t)cinfo.output_width * 4 ||
-                       placed_stride * cinfo.output_height > out_size)
-                    : ie_window_bytes(w, h) > out_size) {
-    jpeg_destroy_decompress(&cinfo);
-    ie_set_message(msg, msglen, "output buffer too small");
-    return IE_BAD_ARGS;
-  }
-  jpeg_start_decompress(&cinfo);
-  xoff = (JDIMENSION)x0;
-  width = (JDIMENSION)w;
-  if (width < IE_MIN_CROP) {
-    /* libjpeg-turbo's fancy upsampling is wrong inside windows 1 or 2 pixels wide (the whole
-     * window is its edge): no window narrower than IE_MIN_CROP */
-    xoff = xoff > (IE_MIN_CROP - width) / 2 ? xoff - (IE_MIN_CROP - width) / 2 : 0;
-    width = IE_MIN_CROP;
-    if (xoff + width > cinfo.output_width) {
-      width = cinfo.output_width < IE_MIN_CROP ? cinfo.output_width : IE_MIN_CROP;
-      xoff = cinfo.output_width - width;
+  if (plan == NULL) {
+    rc = ie_decode_rows(&cinfo, data, size, denom, flags, x0, y0, w, h, out, out_size, placed_stride, got, msg,
+                        msglen);
+  } else {
+    rc = plan->fn(plan, (int)cinfo.image_width, (int)cinfo.image_height);
+    if (rc == IE_OK && ((plan->denom != 1 && plan->denom != 2 && plan->denom != 4 && plan->denom != 8) ||
+                        plan->x0 < 0 || plan->y0 < 0 || plan->w < 1 || plan->h < 1)) {
+      ie_set_message(msg, msglen, "the plan's scale or region is wrong");
+      rc = IE_BAD_ARGS;
     }
+    if (rc == IE_OK)
+      rc = ie_decode_rows(&cinfo, data, size, plan->denom, flags, plan->x0, plan->y0, plan->w, plan->h,
+                          plan->out, plan->out_size, placed_stride, got, msg, msglen);
   }
-  if (width < cinfo.output_width)
-    jpeg_crop_scanline(&cinfo, &xoff, &width);
-  got[0] = (int)xoff;
-  got[1] = (int)width;
-  stride = (size_t)width * 4;
-#if JPEG_LIB_VERSION >= 70
-  imcu = (JDIMENSION)(cinfo.max_v_samp_factor * cinfo.min_DCT_v_scaled_size);
-#else
-  imcu = (JDIMENSION)(cinfo.max_v_samp_factor * cinfo.min_DCT_scaled_size);
-#endif
-  if (imcu < 1)
-    imcu = 1;
-  start = ((JDIMENSION)y0 / imcu) * imcu;
-  stop = (((JDIMENSION)(y0 + h) + imcu - 1) / imcu) * imcu;
-  if (stop > cinfo.output_height)
-    stop = cinfo.output_height;
-  got[4] = (int)start;
-  got[5] = (int)(stop - start);
-  if (start > 0 && jpeg_skip_scanlines(&cinfo, start) != start) {
-    jpeg_destroy_decompress(&cinfo);
-    ie_set_message(msg, msglen, "could not skip to the region");
-    return IE_JPEG_ERROR;
-  }
-  while (cinfo.output_scanline < stop) {
-    n = (int)(stop - cinfo.output_scanline);
-    if (n > 16)
-      n = 16;
-    for (i = 0; i < n; i++)
-      rows[i] = placed_stride
-                    ? out + (size_t)(cinfo.output_scanline + (JDIMENSION)i) * placed_stride + (size_t)xoff * 4
-                    : out + (size_t)(cinfo.output_scanline - start + (JDIMENSION)i) * stride;
-    if (jpeg_read_scanlines(&cinfo, rows, (JDIMENSION)n) == 0)
-      goto no_rows;
-  }
-  if (cinfo.output_scanline < cinfo.output_height && ie_ends_with_eoi(data, size)) {
-    /* The rows below the window: nothing of them is needed, and the file is whole (it ends with
-     * its EOI marker), so they are not decoded at all. Damage inside their entropy-coded data
-     * gives libjpeg warnings only, which Pillow ignores: the file decodes there too, with the
-     * same pixels above the damage. */
-    jpeg_skip_scanlines(&cinfo, cinfo.output_height - cinfo.output_scanline);
-  } else if (cinfo.output_scanline < cinfo.output_height) {
-    /* A file that does not end with EOI (cut short, or bytes after its EOI): the rows below the
-     * window are entropy-decoded (skipping to the very end would not read them at all), then the
-     * last row is read, so that a cut anywhere in the file is seen, as Pillow sees it. */
-    skip = cinfo.output_height - cinfo.output_scanline - 1;
-    if (skip > 0 && jpeg_skip_scanlines(&cinfo, skip) != skip) {
-      jpeg_destroy_decompress(&cinfo);
-      ie_set_message(msg, msglen, "could not skip past the region");
-      return IE_JPEG_ERROR;
-    }
-    rows[0] = (JSAMPROW)(*cinfo.mem->alloc_large)((j_common_ptr)&cinfo, JPOOL_IMAGE, stride);
-    while (cinfo.output_scanline < cinfo.output_height)
-      if (jpeg_read_scanlines(&cinfo, rows, 1) == 0)
-        goto no_rows;
-  }
-  jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
-  return IE_OK;
-no_rows: /* never seen from an in-memory source; rather than loop, Pillow takes the file */
-  jpeg_destroy_decompress(&cinfo);
-  ie_set_message(msg, msglen, "libjpeg returned no rows");
-  return IE_JPEG_ERROR;
+  return rc;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -580,13 +614,6 @@ static void ie_vertical(const unsigned char *tmp, int w, int out_h, int x_from, 
  */
 #define IE_H_ORDER() _mm_setr_epi8(0, -1, 4, -1, 1, -1, 5, -1, 2, -1, 6, -1, 3, -1, 7, -1)
 
-__attribute__((target("sse4.1"))) static inline uint32_t ie_h_out128(__m128i acc, int prec)
-{
-  acc = _mm_srai_epi32(acc, prec);
-  acc = _mm_packus_epi16(_mm_packs_epi32(acc, acc), acc);
-  return (uint32_t)_mm_cvtsi128_si32(acc);
-}
-
 __attribute__((target("sse4.1"))) static void ie_horizontal_sse41(
     const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp, int out_w, int kpad,
     const int16_t *kk, const int *bounds, int prec)
@@ -620,13 +647,16 @@ __attribute__((target("sse4.1"))) static void ie_horizontal_sse41(
         IE_H_TAP(a3, r3);
 #undef IE_H_TAP
       }
-      o[xx] = ie_h_out128(a0, prec);
+      /* four rows' sums -> int16 [r0 r1] [r2 r3] -> bytes [r0 r1 r2 r3]: one pack for four */
+      a0 = _mm_packus_epi16(_mm_packs_epi32(_mm_srai_epi32(a0, prec), _mm_srai_epi32(a1, prec)),
+                            _mm_packs_epi32(_mm_srai_epi32(a2, prec), _mm_srai_epi32(a3, prec)));
+      o[xx] = (uint32_t)_mm_cvtsi128_si32(a0);
       if (m > 1)
-        o[out_w + xx] = ie_h_out128(a1, prec);
+        o[out_w + xx] = (uint32_t)_mm_extract_epi32(a0, 1);
       if (m > 2)
-        o[2 * out_w + xx] = ie_h_out128(a2, prec);
+        o[2 * out_w + xx] = (uint32_t)_mm_extract_epi32(a0, 2);
       if (m > 3)
-        o[3 * out_w + xx] = ie_h_out128(a3, prec);
+        o[3 * out_w + xx] = (uint32_t)_mm_extract_epi32(a0, 3);
     }
   }
 }
@@ -664,17 +694,18 @@ __attribute__((target("avx2"))) static void ie_horizontal_avx2(
                                     _mm_loadl_epi64((const __m128i *)(const void *)(r3 + at)), 1);
         a23 = _mm256_add_epi32(a23, _mm256_madd_epi16(_mm256_shuffle_epi8(p, order), kj));
       }
+      /* rows 0|1 and 2|3 -> int16 [r0 r2 | r1 r3] -> bytes [r0 r2 .. | r1 r3 ..]: one pack for four */
+      a01 = _mm256_packs_epi32(_mm256_srai_epi32(a01, prec), _mm256_srai_epi32(a23, prec));
+      a01 = _mm256_packus_epi16(a01, a01);
       lo = _mm256_castsi256_si128(a01);
       hi = _mm256_extracti128_si256(a01, 1);
-      o[xx] = ie_h_out128(lo, prec);
+      o[xx] = (uint32_t)_mm_cvtsi128_si32(lo);
       if (m > 1)
-        o[out_w + xx] = ie_h_out128(hi, prec);
-      lo = _mm256_castsi256_si128(a23);
-      hi = _mm256_extracti128_si256(a23, 1);
+        o[out_w + xx] = (uint32_t)_mm_cvtsi128_si32(hi);
       if (m > 2)
-        o[2 * out_w + xx] = ie_h_out128(lo, prec);
+        o[2 * out_w + xx] = (uint32_t)_mm_extract_epi32(lo, 1);
       if (m > 3)
-        o[3 * out_w + xx] = ie_h_out128(hi, prec);
+        o[3 * out_w + xx] = (uint32_t)_mm_extract_epi32(hi, 1);
     }
   }
 }
@@ -796,19 +827,17 @@ __attribute__((target("avx2"))) static int ie_vertical_avx2(
 #endif
 
 /*
- * Decode the window [x0, x0 + w) x [y0, y0 + h) as ie_decode() does, into work, then resize the box
- * (bx0, by0)-(bx1, by1) of the scaled image (it must lie within the window with the filter's
- * reach) to out_w x out_h with the Pillow filter `filter`, and write RGB to dst (rows dst_stride
- * bytes apart). work must hold (w + 32) * (h + 64) * 4 + out_w * (h + 64) * 4 bytes. got as for
- * ie_decode(). IE_BAD_ARGS for an unknown filter (NEAREST is not a resampling filter in Pillow).
+ * Resize the box (bx0, by0)-(bx1, by1) of the window the decode left in work (window_bytes bytes;
+ * got as ie_decode() returns it) to out_w x out_h with the Pillow filter `filter`, and write RGB to
+ * dst (rows dst_stride bytes apart). work holds out_w * (got[5] + 64) * 4 more bytes after the
+ * window for the horizontal pass.
  */
-int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, int flags, int x0, int y0,
-                     int w, int h, double bx0, double by0, double bx1, double by1, int out_w, int out_h,
-                     int filter, unsigned char *dst, long dst_stride, unsigned char *work,
-                     unsigned long work_size, int *got, char *msg, int msglen)
+static int ie_resize_box(unsigned char *work, size_t window_bytes, const int *got, double bx0, double by0,
+                         double bx1, double by1, int out_w, int out_h, int filter, int flags, unsigned char *dst,
+                         long dst_stride, char *msg, int msglen)
 {
   struct ie_filter f;
-  size_t window_bytes = ie_window_bytes(w, h), reach;
+  size_t reach;
   float box[4];
   int kh, kv, ph, pv, prec_h, prec_v, rc, first, last, i, win_w, win_h, x_from = 0, vec = 0;
   int16_t *k_h = NULL, *k_v = NULL;
@@ -820,14 +849,6 @@ int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, i
     ie_set_message(msg, msglen, "unsupported resampling filter");
     return IE_BAD_ARGS;
   }
-  if (out_w < 1 || out_h < 1 || w < 1 || h < 1 ||
-      window_bytes + (size_t)out_w * (size_t)(h + 64) * 4 > work_size) {
-    ie_set_message(msg, msglen, "work buffer too small or empty output");
-    return IE_BAD_ARGS;
-  }
-  rc = ie_decode(data, size, denom, flags, x0, y0, w, h, work, (unsigned long)window_bytes, got, msg, msglen);
-  if (rc != IE_OK)
-    return rc;
   win_w = got[1];
   win_h = got[5];
   /* the box in the window's coordinates, as single-precision floats (Pillow's box type) */
@@ -865,7 +886,7 @@ int ie_decode_resize(const unsigned char *data, unsigned long size, int denom, i
   /* the horizontal pass covers only the rows the vertical pass reads */
   first = b_v[0];
   last = b_v[(out_h - 1) * 2] + b_v[(out_h - 1) * 2 + 1];
-  if (last - first > h + 64 || last > win_h || first < 0) {
+  if (last - first > win_h + 64 || last > win_h || first < 0) {
     rc = IE_BAD_ARGS;
     ie_set_message(msg, msglen, "the box reaches outside the window");
     goto done;
@@ -903,4 +924,185 @@ done:
   free(wn_h);
   free(wn_v);
   return rc;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Fast mode in one call (decode.py's _fast_jpeg with _fast_jpeg_region): the header is read once,
+ * and the geometry that Python would compute between two calls is done here, the same arithmetic
+ * as preprocess/geometry.py (torchvision's) and decode.py's _dct_scale and _crop_window; the tests
+ * hold the two paths to the same pixels.
+ */
+
+/* Pixels added around what the filter reads (decode.py's _MARGIN). */
+#define IE_MARGIN 3
+
+struct ie_fast {
+  struct ie_plan plan; /* first: ie_decode_at's plan */
+  int resize_short, resize_w, resize_h, crop_w, crop_h;
+  double support;
+  long long max_pixels, max_resized; /* limits: none where <= 0 and < 0 */
+  unsigned char *work;
+  unsigned long work_size;
+  /* filled by ie_fast_plan */
+  int scaled_w, scaled_h, src_w, src_h, dst_x, dst_y;
+  double box[4];
+  unsigned long needed;
+};
+
+/* The start of a centre crop along one axis, negative where it is padded (geometry.py's
+ * _crop_start: int(round((size - crop) / 2.0)), halves to the even integer). */
+static int ie_crop_start(int size, int crop)
+{
+  int d;
+
+  if (crop > size)
+    return -((crop - size) / 2);
+  d = size - crop;
+  if (d % 2 == 0)
+    return d / 2;
+  return (d / 2) % 2 == 0 ? d / 2 : d / 2 + 1;
+}
+
+static int ie_fast_plan(struct ie_plan *plan, int width, int height)
+{
+  struct ie_fast *f = (struct ie_fast *)(void *)plan;
+  long long sw, sh;
+  int scale, fit, left, top, right, bottom, x0, y0, x1, y1;
+  double fx, fy, rx = 0.0, ry = 0.0;
+  size_t window_bytes;
+
+  if (width < 1 || height < 1 || (f->max_pixels > 0 && (long long)width * height > f->max_pixels))
+    return IE_UNSUPPORTED; /* Pillow's checks give the reason */
+  if (f->resize_short > 0) { /* resized_size: the shorter side, the longer one int(req * long / short) */
+    if (width <= height) {
+      sw = f->resize_short;
+      sh = (long long)((double)((long long)f->resize_short * height) / (double)width);
+    } else {
+      sh = f->resize_short;
+      sw = (long long)((double)((long long)f->resize_short * width) / (double)height);
+    }
+  } else {
+    sw = f->resize_w;
+    sh = f->resize_h;
+  }
+  if (sw < 1 || sh < 1 || sw > INT_MAX || sh > INT_MAX || (f->max_resized >= 0 && sw * sh > f->max_resized))
+    return IE_UNSUPPORTED; /* a resize bomb: Python fails it with its reason */
+  fit = width / (int)sw < height / (int)sh ? width / (int)sw : height / (int)sh;
+  scale = fit >= 8 ? 8 : (fit >= 4 ? 4 : (fit >= 2 ? 2 : 1)); /* _dct_scale */
+  f->scaled_w = (width + scale - 1) / scale;
+  f->scaled_h = (height + scale - 1) / scale;
+  /* crop_placement on the resized image */
+  left = ie_crop_start((int)sw, f->crop_w);
+  top = ie_crop_start((int)sh, f->crop_h);
+  right = left + f->crop_w;
+  bottom = top + f->crop_h;
+  f->dst_x = left < 0 ? -left : 0;
+  f->dst_y = top < 0 ? -top : 0;
+  left = left < 0 ? 0 : left;
+  top = top < 0 ? 0 : top;
+  right = right > (int)sw ? (int)sw : right;
+  bottom = bottom > (int)sh ? (int)sh : bottom;
+  f->src_w = right - left;
+  f->src_h = bottom - top;
+  /* _crop_window: the crop's box in the decoded image, and the window its resize reads */
+  if (f->scaled_w == sw && f->scaled_h == sh) {
+    f->box[0] = left;
+    f->box[1] = top;
+    f->box[2] = right;
+    f->box[3] = bottom;
+  } else {
+    fx = (double)width / (double)sw / (double)scale;
+    fy = (double)height / (double)sh / (double)scale;
+    f->box[0] = left * fx;
+    f->box[1] = top * fy;
+    f->box[2] = right * fx;
+    f->box[3] = bottom * fy;
+    rx = f->support * (fx > 1.0 ? fx : 1.0);
+    ry = f->support * (fy > 1.0 ? fy : 1.0);
+  }
+  x0 = (int)floor(f->box[0] - rx) - IE_MARGIN;
+  y0 = (int)floor(f->box[1] - ry) - IE_MARGIN;
+  x1 = (int)ceil(f->box[2] + rx) + IE_MARGIN;
+  y1 = (int)ceil(f->box[3] + ry) + IE_MARGIN;
+  x0 = x0 < 0 ? 0 : x0;
+  y0 = y0 < 0 ? 0 : y0;
+  x1 = x1 > f->scaled_w ? f->scaled_w : x1;
+  y1 = y1 > f->scaled_h ? f->scaled_h : y1;
+  if (x1 <= x0 || y1 <= y0 || f->src_w < 1 || f->src_h < 1)
+    return IE_UNSUPPORTED;
+  window_bytes = ie_window_bytes(x1 - x0, y1 - y0);
+  f->needed = (unsigned long)(window_bytes + (size_t)f->src_w * (size_t)(y1 - y0 + 64) * 4);
+  if (f->needed > f->work_size)
+    return IE_NEED_WORK;
+  plan->denom = scale;
+  plan->x0 = x0;
+  plan->y0 = y0;
+  plan->w = x1 - x0;
+  plan->h = y1 - y0;
+  plan->out = f->work;
+  plan->out_size = (unsigned long)window_bytes;
+  return IE_OK;
+}
+
+/*
+ * Fast mode's preprocessing of one JPEG: Resize(resize_short) (or exactly resize_w x resize_h when
+ * resize_short is 0) then CenterCrop(crop_h, crop_w), torchvision's geometry, decoded at the DCT
+ * scale and over the window decode.py picks, the crop's box resized with the Pillow filter `filter`
+ * (not NEAREST) and written as RGB into dst (crop_h rows dst_stride bytes apart, zeros where the
+ * crop is larger than the resized image). max_pixels, max_resized: limits on the image's pixels (none
+ * where <= 0, as Python's falsy limit) and on the resized image's (none where < 0). info[0], info[1]: the scaled image's size; info[2]: the work
+ * bytes needed.
+ *
+ * IE_NEED_WORK: work is smaller than info[2] bytes (nothing written: call again with more).
+ * IE_UNSUPPORTED: a colour space, size or limit that Python's path must take (it gives the
+ * reasons). IE_JPEG_ERROR: libjpeg refused or warned. Then dst may be partly written.
+ */
+int ie_fast_crop(const unsigned char *data, unsigned long size, int resize_short, int resize_w, int resize_h,
+                 int crop_w, int crop_h, int filter, int flags, long long max_pixels, long long max_resized,
+                 unsigned char *dst, long dst_stride, unsigned char *work, unsigned long work_size, int *info,
+                 char *msg, int msglen)
+{
+  struct ie_filter flt;
+  struct ie_fast f;
+  int got[6], rc, y;
+
+  if (!ie_pick_filter(filter, &flt) || crop_w < 1 || crop_h < 1 || dst_stride < (long)crop_w * 3 ||
+      (resize_short < 1 && (resize_w < 1 || resize_h < 1))) {
+    ie_set_message(msg, msglen, "bad filter, crop or resize");
+    return IE_BAD_ARGS;
+  }
+  memset(&f, 0, sizeof(f));
+  f.plan.fn = ie_fast_plan;
+  f.resize_short = resize_short;
+  f.resize_w = resize_w;
+  f.resize_h = resize_h;
+  f.crop_w = crop_w;
+  f.crop_h = crop_h;
+  f.support = flt.support;
+  f.max_pixels = max_pixels;
+  f.max_resized = max_resized;
+  f.work = work;
+  f.work_size = work_size;
+  rc = ie_decode_at(data, size, 1, flags, 0, 0, 1, 1, NULL, 0, 0, got, msg, msglen, &f.plan);
+  info[0] = f.scaled_w;
+  info[1] = f.scaled_h;
+  info[2] = (int)(f.needed < INT_MAX ? f.needed : INT_MAX);
+  if (rc == IE_NEED_WORK)
+    ie_set_message(msg, msglen, "work buffer too small");
+  else if (rc == IE_UNSUPPORTED && f.scaled_w == 0)
+    ie_set_message(msg, msglen, "size or limit for the Python path");
+  if (rc != IE_OK)
+    return rc;
+  if (got[2] != f.scaled_w || got[3] != f.scaled_h) {
+    ie_set_message(msg, msglen, "not the scale asked for");
+    return IE_UNSUPPORTED;
+  }
+  if (flags & IE_DECODE_ONLY)
+    return IE_OK;
+  if (f.src_w != crop_w || f.src_h != crop_h) /* the crop is larger than the image: zeros around */
+    for (y = 0; y < crop_h; y++)
+      memset(dst + (long)y * dst_stride, 0, (size_t)crop_w * 3);
+  return ie_resize_box(work, (size_t)f.plan.out_size, got, f.box[0], f.box[1], f.box[2], f.box[3], f.src_w,
+                       f.src_h, filter, flags, dst + (long)f.dst_y * dst_stride + (long)f.dst_x * 3, dst_stride,
+                       msg, msglen);
 }

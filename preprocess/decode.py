@@ -334,13 +334,28 @@ def _fast_jpeg(
     """The libjpeg-turbo path of fast mode; False where Pillow must take the file instead.
 
     Decodes with the region decoder (:mod:`preprocess.jpegregion`: only the window the crop's
-    resize reads) where it is built, else the whole image with ``simplejpeg``. Anything they
+    resize reads) where it is built, in one call that also does the geometry (the same as the
+    Python below: :mod:`preprocess.geometry`, :func:`_dct_scale`, :func:`_crop_window`), the resize
+    and the write into ``out``; else the whole image with ``simplejpeg``. Anything they
     refuse (a corrupt, truncated or unusual file: both run libjpeg-turbo with warnings as
     errors) returns False, and Pillow then decodes it or fails it with exact mode's reason.
     Images over the pixel limit also go to Pillow, whose checks give the reason.
     """
     if not isinstance(data, bytes):
         data = bytes(data)  # ctypes and simplejpeg take bytes
+    flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
+    if _REGION is not None and resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
+        # all of it in one call: header, geometry, window decode, resize, RGB into `out`
+        limit = (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS) or 0  # as _turbo_takes
+        resized = max_pixels if max_pixels is not None else (  # as _check_resized; -1: none
+            2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else -1)
+        try:
+            need = _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch_all())
+            if need:
+                need = _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch(need))
+        except (jpegregion.RegionError, ValueError):
+            return False  # Pillow decodes it, or gives exact mode's reason (a bomb, a bad file)
+        return not need
     try:
         header = _REGION.header(data) if _REGION is not None else simplejpeg.decode_jpeg_header(data)[:3]
     except Exception:  # noqa: BLE001 -- a bad header: Pillow gives the reason
@@ -431,24 +446,11 @@ def _fast_jpeg_region(
     fastdct: bool,
     fastupsample: bool,
 ) -> bool:
-    """Fast mode through the region decoder: decode the window of the (DCT-scaled) image that the
-    crop's resize reads, then resize the crop's box within it (:func:`_write_resized_crop`)."""
-    crop_h, crop_w = out.shape[0], out.shape[1]
-    (left, top, right, bottom), (dst_x, dst_y) = crop_placement(size[0], size[1], crop_h, crop_w)
-    box, (x0, y0, w, h) = _crop_window(full, scaled, size, scale, out, resample)
+    """Fast mode through the region decoder where its one call does not apply (the nearest filter,
+    or an ``out`` whose pixels are not packed): decode the window of the (DCT-scaled) image that the
+    crop's resize reads, then Pillow resizes the crop's box within it (:func:`_write_resized_crop`)."""
+    _, (x0, y0, w, h) = _crop_window(full, scaled, size, scale, out, resample)
     flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
-    if resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
-        # decode, resize and write RGB into `out` in one call (Pillow-SIMD's resize arithmetic, in C)
-        src_w, src_h = right - left, bottom - top
-        if src_w != crop_w or src_h != crop_h:
-            out.fill(0)  # the crop is larger than the image along some axis: zeros, as in exact mode
-        dst = out[dst_y : dst_y + src_h, dst_x : dst_x + src_w]
-        work = _scratch(jpegregion.work_bytes((x0, y0, w, h), (src_w, src_h)))
-        try:
-            got = _REGION.decode_resize(data, scale, flags, (x0, y0, w, h), box, (src_w, src_h), resample, dst, work)
-        except (jpegregion.RegionError, ValueError):
-            return False  # Pillow decodes it or gives exact mode's reason
-        return got == scaled  # else not the scale asked for (another libjpeg-turbo?): Pillow redoes it
     buf = _scratch(jpegregion.window_bytes(w, h))
     try:
         x, width, y, rows, got_w, got_h = _REGION.decode(data, scale, flags, (x0, y0, w, h), buf)
@@ -476,6 +478,12 @@ _LOCAL = threading.local()
 # Largest buffer _scratch keeps between images (an ImageNet image needs under 1 MiB): one huge
 # image must not leave a worker holding its gigabyte for the rest of the run.
 _SCRATCH_KEEP = 64 << 20
+
+
+def _scratch_all() -> np.ndarray:
+    """This thread's whole reusable buffer (at least 1 MiB), for a callee that says what it needs."""
+    buf = getattr(_LOCAL, "buf", None)
+    return buf if buf is not None else _scratch(1 << 20)
 
 
 def _scratch(nbytes: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 A centre crop of a resized image needs only the pixels its resize reads: for a 500x375 file and
 Resize(256) + CenterCrop(224), a window of about 336x336. Exact mode has it decoded into an
 image-sized buffer (:meth:`RegionDecoder.decode_placed`) and resizes as before; fast mode has it
-decoded and its crop's box resized in C (:meth:`RegionDecoder.decode_resize`). This
+decoded, resized and written in one call (:meth:`RegionDecoder.fast_crop`). This
 library decodes that window alone (``jpeg_crop_scanline`` for the columns, ``jpeg_skip_scanlines``
 for the rows), skipping the inverse DCT, upsampling and colour conversion of the rest, at a
 reduced DCT scale where fast mode picks one, and can resize the crop's box of it with Pillow's
@@ -37,15 +37,16 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ABI", "RegionDecoder", "build", "library_path", "load", "status", "window_bytes", "work_bytes"]
+__all__ = ["ABI", "RegionDecoder", "build", "library_path", "load", "status", "window_bytes"]
 
-ABI = 4  # IE_ABI in _jpegregion.c
+ABI = 5  # IE_ABI in _jpegregion.c
 DISABLE_ENV = "IMAGENET_ENGINE_REGION_DECODE"
 SOURCE = Path(__file__).with_name("_jpegregion.c")
 
-# return codes of ie_decode / ie_header
-OK, UNSUPPORTED, JPEG_ERROR, BAD_ARGS = 0, 1, 2, 3
+# return codes of ie_decode / ie_header / ie_fast_crop
+OK, UNSUPPORTED, JPEG_ERROR, BAD_ARGS, NEED_WORK = 0, 1, 2, 3, 4
 FASTDCT, FASTUPSAMPLE = 1, 2
+DECODE_ONLY = 16  # fast_crop: decode the window, resize nothing (bench/bench_decode.py's ceiling)
 # J_COLOR_SPACE values of jpeglib.h, for ie_header's info[2]
 COLOR_SPACES = {0: "unknown", 1: "Gray", 2: "RGB", 3: "YCbCr", 4: "CMYK", 5: "YCCK"}
 ALIGN = 32  # the widest iMCU: columns libjpeg-turbo may add left of the window asked for
@@ -112,17 +113,16 @@ class RegionDecoder:
                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
         lib.ie_decode.restype = ctypes.c_int
-        lib.ie_decode_resize.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                         ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_double,
-                                         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
-                                         ctypes.c_void_p, ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
-        lib.ie_decode_resize.restype = ctypes.c_int
         lib.ie_decode_placed.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                          ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long, p_int, ctypes.c_char_p,
                                          ctypes.c_int]
         lib.ie_decode_placed.restype = ctypes.c_int
+        lib.ie_fast_crop.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                     ctypes.c_longlong, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                     ctypes.c_ulong, p_int, ctypes.c_char_p, ctypes.c_int]
+        lib.ie_fast_crop.restype = ctypes.c_int
         self._lib = lib
         self.path = path
         version = lib.ie_turbo_version()
@@ -171,27 +171,33 @@ class RegionDecoder:
                                           stride, got, msg, len(msg)), msg)
         return got[0], got[1], got[4], got[5], got[2], got[3]
 
-    def decode_resize(self, data: bytes, denom: int, flags: int, window: Tuple[int, int, int, int],
-                      box: Tuple[float, float, float, float], size: Tuple[int, int], resample: int,
-                      dst: np.ndarray, work: np.ndarray) -> Tuple[int, int]:
-        """Decode ``window`` as :meth:`decode` does, resize ``box`` (in the scaled image's
-        coordinates; the window holds it and the filter's reach) to ``size = (w, h)`` with Pillow's
-        filter number ``resample`` (not NEAREST) and Pillow-SIMD's arithmetic (its int16 weights; stock
-        Pillow's 22-bit ones are at most 1 apart), and write RGB into ``dst``:
-        a ``(h, w, 3)`` uint8 view whose pixels and channels are contiguous (rows may be apart).
-        ``work``: a contiguous uint8 buffer of :func:`work_bytes` bytes.
+    def fast_crop(self, data: bytes, out: np.ndarray, resize, resample: int, flags: int, max_pixels: int,
+                  max_resized: int, work: np.ndarray) -> int:
+        """Fast mode's whole preprocessing of a JPEG in one call: the header read once, the geometry
+        of ``Resize(resize)`` (an int: the shorter side; an ``(h, w)`` pair: exactly) and
+        ``CenterCrop(out.shape[:2])`` as :mod:`preprocess.geometry` computes it, the DCT scale and
+        window as ``decode._fast_jpeg`` picks them, the crop's box resized with Pillow's filter
+        ``resample`` (not NEAREST), RGB written into ``out`` (a ``(h, w, 3)`` uint8 array with
+        packed pixels), zeros where the crop is larger than the image. Limits: pixels of the
+        image (none where <= 0) and of the resized image (none where < 0).
 
-        Returns the scaled image's ``(width, height)``. Raises as :meth:`decode`.
+        Returns 0, or the bytes of ``work`` needed when it is too small (nothing written then).
+        Raises RegionError for libjpeg's refusals and warnings, ValueError for what Python's path
+        must take instead (a colour space, a size or a limit: it gives the reason).
         """
-        got = (ctypes.c_int * 6)()
+        info = (ctypes.c_int * 3)()
         msg = ctypes.create_string_buffer(200)
-        x0, y0, w, h = window
-        if dst.shape != (size[1], size[0], 3) or dst.strides[1:] != (3, 1) or dst.dtype != np.uint8:
-            raise ValueError(f"dst must be a ({size[1]}, {size[0]}, 3) uint8 view with packed pixels")
-        _check(self._lib.ie_decode_resize(data, len(data), denom, flags, x0, y0, w, h, box[0], box[1], box[2],
-                                          box[3], size[0], size[1], resample, dst.ctypes.data, dst.strides[0],
-                                          work.ctypes.data, work.nbytes, got, msg, len(msg)), msg)
-        return got[2], got[3]
+        if isinstance(resize, int):
+            short, rw, rh = resize, 0, 0
+        else:
+            short, rw, rh = 0, resize[1], resize[0]
+        rc = self._lib.ie_fast_crop(data, len(data), short, rw, rh, out.shape[1], out.shape[0], resample, flags,
+                                    max_pixels, max_resized, out.ctypes.data, out.strides[0], work.ctypes.data,
+                                    work.nbytes, info, msg, len(msg))
+        if rc == NEED_WORK:
+            return info[2]
+        _check(rc, msg)
+        return 0
 
 
 def _check(rc: int, msg) -> None:
@@ -207,11 +213,6 @@ def _check(rc: int, msg) -> None:
 def window_bytes(w: int, h: int) -> int:
     """The buffer :meth:`RegionDecoder.decode` needs for a window ``w x h`` (ie_window_bytes)."""
     return (max(w, MIN_CROP) + ALIGN) * (h + ALIGN_ROWS) * 4
-
-
-def work_bytes(window: Tuple[int, int, int, int], size: Tuple[int, int]) -> int:
-    """The work buffer :meth:`RegionDecoder.decode_resize` needs for ``window`` resized to ``size``."""
-    return window_bytes(window[2], window[3]) + size[0] * (window[3] + ALIGN_ROWS) * 4
 
 
 _LOADED: Optional[RegionDecoder] = None

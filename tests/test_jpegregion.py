@@ -102,18 +102,70 @@ def test_resize_in_c_is_pillows(interpolation, size, monkeypatch):
     Pillow: the same with Pillow-SIMD (its int16 weights), within 1 of stock Pillow (22-bit)."""
     data = _jpeg(*size, seed=size[0], quality=90)
     done = []
-    real = REGION.decode_resize
-    monkeypatch.setattr(REGION, "decode_resize", lambda *a, **k: done.append(real(*a, **k)) or done[-1])
+    real = REGION.fast_crop
+    monkeypatch.setattr(REGION, "fast_crop", lambda *a, **k: done.append(real(*a, **k)) or done[-1])
     a = np.zeros((224, 224, 3), np.uint8)
     b = np.full((224, 224, 4), 9, np.uint8)[:, :, :3]  # not packed RGB: the Pillow-resize path
     dec.preprocess_into(data, a, 256, interpolation, "fast")
-    assert len(done) == 1  # the C resize ran and returned (no fallback to Pillow)
+    assert done and done[-1] == 0  # the one call ran and returned (a second when it asked for more work space)
+    calls = len(done)
     dec.preprocess_into(data, b, 256, interpolation, "fast")
-    assert len(done) == 1
+    assert len(done) == calls
     if PILLOW_SIMD:
         np.testing.assert_array_equal(a, b)
     d = np.abs(a.astype(np.int16) - b)
     assert d.max() <= 1 and (d > 0).mean() < 0.03, (d.max(), (d > 0).mean())  # lanczos: ~1 %
+
+
+@needs_region
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "box"])
+def test_one_call_geometry_is_pythons(interpolation, monkeypatch):
+    """ie_fast_crop computes the resize, crop, DCT scale and window in C: the same as the Python
+    path (preprocess/geometry.py, _dct_scale, _crop_window), which fast mode takes for an ``out``
+    whose pixels are not packed, over random sizes, resize specs (shorter side or an exact pair),
+    crops larger and smaller than the image, and every DCT scale. Equal pixels with Pillow-SIMD
+    (whose resize the C code computes); a geometry slip would move the crop by whole pixels."""
+    rng = np.random.default_rng([21, len(interpolation)])
+    calls = []
+    real = REGION.fast_crop
+    monkeypatch.setattr(REGION, "fast_crop", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    for trial in range(40):
+        w, h = int(rng.integers(8, 2600)), int(rng.integers(8, 2000))
+        resize = int(rng.integers(16, 400)) if trial % 3 else (int(rng.integers(16, 400)), int(rng.integers(16, 400)))
+        crop = (int(rng.integers(1, 330)), int(rng.integers(1, 330)))
+        data = _jpeg(w, h, trial, quality=int(rng.integers(70, 97)), subsampling=trial % 3)
+        a = np.full(crop + (3,), 7, np.uint8)
+        dec.preprocess_into(data, a, resize, interpolation, "fast")
+        b = np.full(crop + (4,), 9, np.uint8)[:, :, :3]  # not packed: the Python geometry
+        dec.preprocess_into(data, b, resize, interpolation, "fast")
+        msg = f"{w}x{h} resize {resize} crop {crop}"
+        if PILLOW_SIMD:
+            np.testing.assert_array_equal(a, b, err_msg=msg)
+        d = np.abs(a.astype(np.int16) - b)
+        assert d.max() <= 1 and (d > 0).mean() < 0.05, msg
+    assert len(calls) >= 40
+
+
+@needs_region
+def test_one_call_limits_and_refusals_go_to_python(monkeypatch):
+    """What the one call refuses takes Python's path, which gives exact mode's reasons: a resize
+    whose output is a decompression bomb, an image over the pixel limit, a CMYK file."""
+    data = _jpeg(2000, 40, 1)
+    out = np.zeros((224, 224, 3), np.uint8)
+    with pytest.raises(dec.DecodeError, match="decompression bomb: resize"):
+        dec.preprocess_into(data, out, 256, "bilinear", "fast", max_pixels=100_000)
+    with pytest.raises(dec.DecodeError, match="decompression bomb"):
+        dec.preprocess_into(_jpeg(500, 375, 2), out, 256, "bilinear", "fast", max_pixels=1000)
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (300, 200), (10, 200, 30, 40)).save(cmyk, "JPEG")
+    with pytest.raises(ValueError):
+        REGION.fast_crop(cmyk.getvalue(), out, 256, Image.BILINEAR, 0, 0, -1, np.zeros(1 << 20, np.uint8))
+    dec.preprocess_into(cmyk.getvalue(), out, 256, "bilinear", "fast")  # Pillow decodes it
+    ref = np.zeros((224, 224, 3), np.uint8)
+    dec.preprocess_into(cmyk.getvalue(), ref, 256, "bilinear", "exact")
+    assert np.abs(out.astype(int) - ref).max() <= 1
+    small = np.zeros(100, np.uint8)  # too small a work buffer: the size needed, nothing written
+    assert REGION.fast_crop(_jpeg(500, 375, 3), out, 256, Image.BILINEAR, 0, 0, -1, small) > 100
 
 
 @needs_region
@@ -141,11 +193,11 @@ def test_vector_and_scalar_resize_agree(interpolation, monkeypatch):
 def test_fast_mode_uses_it_and_matches_the_whole_image_path(monkeypatch):
     data = _jpeg(500, 375, 7, quality=90)
     calls = []
-    real = REGION.decode_resize
-    monkeypatch.setattr(REGION, "decode_resize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = REGION.fast_crop
+    monkeypatch.setattr(REGION, "fast_crop", lambda *a, **k: calls.append(1) or real(*a, **k))
     a = np.zeros((224, 224, 3), np.uint8)
     dec.preprocess_into(data, a, 256, "bilinear", "fast")
-    assert calls == [1]
+    assert calls == [1]  # one call: the scratch buffer is big enough for an ImageNet-sized file
     monkeypatch.setattr(dec, "_REGION", None)  # the simplejpeg (or Pillow) path: whole image, Pillow resize
     b = np.zeros((224, 224, 3), np.uint8)
     dec.preprocess_into(data, b, 256, "bilinear", "fast")
