@@ -113,11 +113,8 @@ def _contenders():
         def decode_alone(d):
             # fast mode's one call told to stop after the decode: its window, at its DCT scale
             try:
-                work = dec._scratch_all()
-                need = dec._REGION.fast_crop(d, out, 256, Image.BILINEAR, jpegregion.DECODE_ONLY, 0, -1, work)
-                if need:
-                    dec._REGION.fast_crop(d, out, 256, Image.BILINEAR, jpegregion.DECODE_ONLY, 0, -1,
-                                          dec._scratch(need))
+                dec._REGION.fast_crop(d, out, 256, Image.BILINEAR, jpegregion.DECODE_ONLY, 0, -1, dec._scratch_all(),
+                                      dec._scratch)
             except (jpegregion.RegionError, ValueError):
                 prep("fast")(d)  # what fast mode does with the files it refuses: Pillow
 

@@ -350,12 +350,10 @@ def _fast_jpeg(
         resized = max_pixels if max_pixels is not None else (  # as _check_resized; -1: none
             2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else -1)
         try:
-            need = _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch_all())
-            if need:
-                need = _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch(need))
+            _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch_all(), _scratch)
         except (jpegregion.RegionError, ValueError):
             return False  # Pillow decodes it, or gives exact mode's reason (a bomb, a bad file)
-        return not need
+        return True
     try:
         header = _REGION.header(data) if _REGION is not None else simplejpeg.decode_jpeg_header(data)[:3]
     except Exception:  # noqa: BLE001 -- a bad header: Pillow gives the reason
@@ -373,8 +371,7 @@ def _fast_jpeg(
     # libjpeg-turbo's scaled size is ceil(W / s) x ceil(H / s)
     scaled_w, scaled_h = -(-width // scale), -(-height // scale)
     if _REGION is not None:
-        return _fast_jpeg_region(data, out, (width, height), (scaled_w, scaled_h), size, scale, resample,
-                                 fastdct, fastupsample)
+        return _fast_jpeg_region(data, out, (width, height), (scaled_w, scaled_h), size, scale, resample, flags)
     # min_factor=s with those minimums leaves simplejpeg exactly one choice (it otherwise also
     # picks 3/8, 5/8, ... scales)
     kw = dict(min_factor=scale, min_width=scaled_w, min_height=scaled_h) if scale > 1 else {}
@@ -443,14 +440,12 @@ def _fast_jpeg_region(
     size: Tuple[int, int],
     scale: int,
     resample: int,
-    fastdct: bool,
-    fastupsample: bool,
+    flags: int,
 ) -> bool:
     """Fast mode through the region decoder where its one call does not apply (the nearest filter,
     or an ``out`` whose pixels are not packed): decode the window of the (DCT-scaled) image that the
     crop's resize reads, then Pillow resizes the crop's box within it (:func:`_write_resized_crop`)."""
     _, (x0, y0, w, h) = _crop_window(full, scaled, size, scale, out, resample)
-    flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
     buf = _scratch(jpegregion.window_bytes(w, h))
     try:
         x, width, y, rows, got_w, got_h = _REGION.decode(data, scale, flags, (x0, y0, w, h), buf)

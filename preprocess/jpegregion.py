@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -172,7 +172,7 @@ class RegionDecoder:
         return got[0], got[1], got[4], got[5], got[2], got[3]
 
     def fast_crop(self, data: bytes, out: np.ndarray, resize, resample: int, flags: int, max_pixels: int,
-                  max_resized: int, work: np.ndarray) -> int:
+                  max_resized: int, work: np.ndarray, more: Optional[Callable[[int], np.ndarray]] = None) -> None:
         """Fast mode's whole preprocessing of a JPEG in one call: the header read once, the geometry
         of ``Resize(resize)`` (an int: the shorter side; an ``(h, w)`` pair: exactly) and
         ``CenterCrop(out.shape[:2])`` as :mod:`preprocess.geometry` computes it, the DCT scale and
@@ -181,9 +181,10 @@ class RegionDecoder:
         packed pixels), zeros where the crop is larger than the image. Limits: pixels of the
         image (none where <= 0) and of the resized image (none where < 0).
 
-        Returns 0, or the bytes of ``work`` needed when it is too small (nothing written then).
-        Raises RegionError for libjpeg's refusals and warnings, ValueError for what Python's path
-        must take instead (a colour space, a size or a limit: it gives the reason).
+        ``work``: a contiguous uint8 scratch buffer; where the window needs more, ``more(nbytes)``
+        gives a bigger one and the call is made again (without ``more``: ValueError). Raises
+        RegionError for libjpeg's refusals and warnings, ValueError for what Python's path must
+        take instead (a colour space, a size or a limit: it gives the reason).
         """
         info = (ctypes.c_int * 3)()
         msg = ctypes.create_string_buffer(200)
@@ -191,13 +192,14 @@ class RegionDecoder:
             short, rw, rh = resize, 0, 0
         else:
             short, rw, rh = 0, resize[1], resize[0]
-        rc = self._lib.ie_fast_crop(data, len(data), short, rw, rh, out.shape[1], out.shape[0], resample, flags,
-                                    max_pixels, max_resized, out.ctypes.data, out.strides[0], work.ctypes.data,
-                                    work.nbytes, info, msg, len(msg))
-        if rc == NEED_WORK:
-            return info[2]
-        _check(rc, msg)
-        return 0
+        for _ in range(2):
+            rc = self._lib.ie_fast_crop(data, len(data), short, rw, rh, out.shape[1], out.shape[0], resample, flags,
+                                        max_pixels, max_resized, out.ctypes.data, out.strides[0], work.ctypes.data,
+                                        work.nbytes, info, msg, len(msg))
+            if rc != NEED_WORK or more is None:
+                break
+            work = more(info[2])
+        _check(BAD_ARGS if rc == NEED_WORK else rc, msg)
 
 
 def _check(rc: int, msg) -> None:
