@@ -827,16 +827,16 @@ __attribute__((target("avx2"))) static int ie_vertical_avx2(
 #endif
 
 /*
- * Resize the box (bx0, by0)-(bx1, by1) of the window the decode left in work (window_bytes bytes;
- * got as ie_decode() returns it) to out_w x out_h with the Pillow filter `filter`, and write RGB to
- * dst (rows dst_stride bytes apart). work holds out_w * (got[5] + 64) * 4 more bytes after the
- * window for the horizontal pass.
+ * Resize the box (bx0, by0)-(bx1, by1) of the window the decode left in work (its first window_bytes
+ * of work_size bytes; got as ie_decode() returns it) to out_w x out_h with the filter f, and write
+ * RGB to dst (rows dst_stride bytes apart). The rest of work holds the horizontal pass: out_w * 4
+ * bytes for each window row the vertical pass reads.
  */
-static int ie_resize_box(unsigned char *work, size_t window_bytes, const int *got, double bx0, double by0,
-                         double bx1, double by1, int out_w, int out_h, int filter, int flags, unsigned char *dst,
-                         long dst_stride, char *msg, int msglen)
+static int ie_resize_box(unsigned char *work, size_t window_bytes, size_t work_size, const int *got, double bx0,
+                         double by0, double bx1, double by1, int out_w, int out_h, const struct ie_filter *flt,
+                         int flags, unsigned char *dst, long dst_stride, char *msg, int msglen)
 {
-  struct ie_filter f;
+  const struct ie_filter f = *flt;
   size_t reach;
   float box[4];
   int kh, kv, ph, pv, prec_h, prec_v, rc, first, last, i, win_w, win_h, x_from = 0, vec = 0;
@@ -845,10 +845,6 @@ static int ie_resize_box(unsigned char *work, size_t window_bytes, const int *go
   double *w_tmp = NULL, *wn_h = NULL, *wn_v = NULL;
   unsigned char *tmp;
 
-  if (!ie_pick_filter(filter, &f)) {
-    ie_set_message(msg, msglen, "unsupported resampling filter");
-    return IE_BAD_ARGS;
-  }
   win_w = got[1];
   win_h = got[5];
   /* the box in the window's coordinates, as single-precision floats (Pillow's box type) */
@@ -886,9 +882,14 @@ static int ie_resize_box(unsigned char *work, size_t window_bytes, const int *go
   /* the horizontal pass covers only the rows the vertical pass reads */
   first = b_v[0];
   last = b_v[(out_h - 1) * 2] + b_v[(out_h - 1) * 2 + 1];
-  if (last - first > win_h + 64 || last > win_h || first < 0) {
+  if (last > win_h || first < 0) {
     rc = IE_BAD_ARGS;
     ie_set_message(msg, msglen, "the box reaches outside the window");
+    goto done;
+  }
+  if ((size_t)out_w * (size_t)(last - first) * 4 > work_size - window_bytes) {
+    rc = IE_BAD_ARGS;
+    ie_set_message(msg, msglen, "work buffer too small for the resize");
     goto done;
   }
   for (i = 0; i < out_h; i++)
@@ -1102,7 +1103,7 @@ int ie_fast_crop(const unsigned char *data, unsigned long size, int resize_short
   if (f.src_w != crop_w || f.src_h != crop_h) /* the crop is larger than the image: zeros around */
     for (y = 0; y < crop_h; y++)
       memset(dst + (long)y * dst_stride, 0, (size_t)crop_w * 3);
-  return ie_resize_box(work, (size_t)f.plan.out_size, got, f.box[0], f.box[1], f.box[2], f.box[3], f.src_w,
-                       f.src_h, filter, flags, dst + (long)f.dst_y * dst_stride + (long)f.dst_x * 3, dst_stride,
-                       msg, msglen);
+  return ie_resize_box(work, (size_t)f.plan.out_size, (size_t)work_size, got, f.box[0], f.box[1], f.box[2],
+                       f.box[3], f.src_w, f.src_h, &flt, flags, dst + (long)f.dst_y * dst_stride + (long)f.dst_x * 3,
+                       dst_stride, msg, msglen);
 }

@@ -257,10 +257,23 @@ _EXACT_TURBO = simplejpeg is not None and os.environ.get("IMAGENET_ENGINE_EXACT_
 _REGION = jpegregion.load()
 
 
+def _image_limit(max_pixels: Optional[int]) -> Optional[int]:
+    """The pixels a libjpeg-turbo path decodes at most (``max_pixels``, else Pillow's warning
+    threshold); falsy: no limit. Over it, Pillow's checks give the reason."""
+    return max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+
+
+def _resize_limit(max_pixels: Optional[int]) -> Optional[int]:
+    """The pixels a resize may output (``max_pixels``, else Pillow's error threshold); None: none."""
+    if max_pixels is not None:
+        return max_pixels
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
 def _turbo_takes(space: str, width: int, height: int, spaces: Sequence[str], max_pixels: Optional[int]) -> bool:
     """Whether a libjpeg-turbo path decodes this JPEG header: a colour space it converts as Pillow
     does, a real size, and under the pixel limit (over it, Pillow's checks give the reason)."""
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    limit = _image_limit(max_pixels)
     return space in spaces and width >= 1 and height >= 1 and not (limit and width * height > limit)
 
 
@@ -346,11 +359,10 @@ def _fast_jpeg(
     flags = (jpegregion.FASTDCT if fastdct else 0) | (jpegregion.FASTUPSAMPLE if fastupsample else 0)
     if _REGION is not None and resample != _Resampling.NEAREST and out.strides[1:] == (3, 1):
         # all of it in one call: header, geometry, window decode, resize, RGB into `out`
-        limit = (max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS) or 0  # as _turbo_takes
-        resized = max_pixels if max_pixels is not None else (  # as _check_resized; -1: none
-            2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else -1)
+        limit, resized = _image_limit(max_pixels) or 0, _resize_limit(max_pixels)
         try:
-            _REGION.fast_crop(data, out, resize, resample, flags, limit, resized, _scratch_all(), _scratch)
+            _REGION.fast_crop(data, out, resize, resample, flags, limit, -1 if resized is None else resized,
+                              _scratch_all(), _scratch)
         except (jpegregion.RegionError, ValueError):
             return False  # Pillow decodes it, or gives exact mode's reason (a bomb, a bad file)
         return True
@@ -597,9 +609,7 @@ def _check_resized(size: Tuple[int, int], max_pixels: Optional[int]) -> None:
     reference would try and run out of memory; we fail the image instead,
     with the same limit as for decoding (``max_pixels``, else Pillow's).
     """
-    limit = max_pixels
-    if limit is None and Image.MAX_IMAGE_PIXELS:
-        limit = 2 * Image.MAX_IMAGE_PIXELS
+    limit = _resize_limit(max_pixels)
     pixels = size[0] * size[1]
     if limit is not None and pixels > limit:
         raise DecodeError(
