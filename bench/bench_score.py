@@ -44,7 +44,8 @@ def tiny_data(images: int) -> str:
 def measure(data: str, a, crop: int, resize: int):
     from engine.config import resolve_config
     from engine.evaluate import run_eval
-    from engine.score import ScoreOptions, run_score
+    from engine.scoring.job import ScoreOptions
+    from engine.scoring.run import run_score
 
     precision = a.precision or ("fp32" if a.backend in ("cpu", "sim") else "fp16")
     cfg = resolve_config(a.model, {"resize": resize, "crop": crop}, data=data, backend=a.backend,

@@ -5,7 +5,7 @@ device-bound to decode-bound. Writes a plot (PNG) of the sweep.
 First the pool's decode capacity D is measured (sim backend at 0 ms per batch: decoding is all
 that is left). Then the sim device is set to take f x D img/s for each factor f, and each run
 prints compute-only img/s (the device alone), end-to-end img/s, their ratio and the run's own
-verdict (engine/profile.py). Below f = 1 the run should be device-bound (target: end to end
+verdict (engine/report/profile.py). Below f = 1 the run should be device-bound (target: end to end
 >= 0.97 of compute-only); above, decode-bound at about D. `--modes exact,fast` sweeps both
 decode modes on the same images.
 """
@@ -23,7 +23,7 @@ FACTORS = (0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2.0, 4.0)
 
 def one_run(data, workers, batch, ms, mode, limit):
     from engine.procs import usable_cores
-    from engine.profile import breakdown
+    from engine.report.profile import breakdown
 
     details: dict = {}
     n, _, stats, compute = run_pool(data, workers, batch, sim_batch_ms=ms, decode=mode, limit=limit, details=details)

@@ -68,8 +68,8 @@ step "bench_decode: $BENCH_IMAGES images, $BENCH_WORKERS workers, agreement on $
 "$PY" - "$DATA" "$AGREE" <<'EOF' 2>&1 | tee "$OUT/agreement.txt"
 import json, os, sys, time
 sys.path.insert(0, ".")
-from engine.agreement import agreement
-from engine.dataset import build_dataset
+from engine.report.agreement import agreement
+from engine.pipeline.dataset import build_dataset
 ds = build_dataset(sys.argv[1], limit=int(sys.argv[2]))
 t = time.time()
 r = agreement([ds.abspath(i) for i in range(len(ds))], batch=64)

@@ -38,7 +38,7 @@ EVAL = os.path.join(ROOT, "bin", "run-eval")
 
 def soak_data(images: int, unique: int) -> str:
     """.cache/soak-N-U: N symlinks to U synthetic images, with val_label.txt (made once)."""
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     root = os.path.join(ROOT, ".cache", f"soak-{images}-{unique}")
     done = os.path.join(root, ".complete")

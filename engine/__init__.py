@@ -7,8 +7,8 @@ Importing this package does not import torch: backends import their libraries la
 __version__ = "0.1.0"
 
 from engine.config import PreprocessSpec, RunConfig, preset_for, resolve_config  # noqa: E402
-from engine.dataset import Dataset, build_dataset  # noqa: E402
-from engine.metrics import Metrics  # noqa: E402
+from engine.pipeline.dataset import Dataset, build_dataset  # noqa: E402
+from engine.report.metrics import Metrics  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -59,7 +59,7 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
               log=sys.stderr) -> Dict:
     """Measure every batch size (and end to end on `e2e`); returns `{"results": [...], "config": {...}}`."""
     from engine.backends import create_backend, resolve_auto
-    from engine.report import environment
+    from engine.report.output import environment
 
     if cfg.backend == "auto":
         cfg = cfg.replace(backend=resolve_auto())
@@ -194,9 +194,9 @@ def run_bench_main(argv: Optional[List[str]] = None) -> int:
         p.error("--warmup must not be negative")
     if a.e2e and not os.path.isdir(a.e2e):
         p.error(f"--e2e {a.e2e}: no such folder")
-    from engine.dataset import DatasetError
-    from engine.pool import PoolError
-    from engine.ring import RingError
+    from engine.pipeline.dataset import DatasetError
+    from engine.pipeline.pool import PoolError
+    from engine.pipeline.ring import RingError
 
     try:
         if a.plot:
@@ -211,7 +211,7 @@ def run_bench_main(argv: Optional[List[str]] = None) -> int:
         return EXIT_ERROR
     print(format_table(bench))
     if a.json:
-        from engine.report import write_json
+        from engine.report.output import write_json
 
         write_json(a.json, bench)
     if a.plot:

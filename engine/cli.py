@@ -79,7 +79,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 def positive_int_or_auto(text: str) -> int:
-    """A whole number >= 1, or "auto" (0: resolved by engine.autotune before the run)."""
+    """A whole number >= 1, or "auto" (0: resolved by engine.pipeline.autotune before the run)."""
     return 0 if text == "auto" else positive_int(text)
 
 
@@ -173,10 +173,10 @@ def _never_fail_on_file_names(stream) -> None:
 
 def run_eval_main(argv: Optional[List[str]] = None) -> int:
     from engine.backends.base import BackendError
-    from engine.dataset import DatasetError
+    from engine.pipeline.dataset import DatasetError
     from engine.evaluate import EXIT_ERROR, EXIT_USAGE, run_eval
-    from engine.pool import PoolError
-    from engine.ring import RingError
+    from engine.pipeline.pool import PoolError
+    from engine.pipeline.ring import RingError
 
     p = eval_parser()
     a = p.parse_args(argv)

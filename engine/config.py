@@ -105,7 +105,7 @@ class RunConfig:
     optimization_level: int = 0
     cache_dir: Optional[str] = None
     use_cache: bool = True
-    batch_size: int = 64  # 0: --batch-size auto (resolved by engine.autotune before the run)
+    batch_size: int = 64  # 0: --batch-size auto (resolved by engine.pipeline.autotune before the run)
     workers: int = 1  # 0: --workers auto (likewise)
     ring_slots: int = 0  # 0: derived from workers and in-flight batches
     inflight: int = 3

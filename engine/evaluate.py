@@ -20,16 +20,17 @@ from engine import __version__
 from engine.backends import create_backend
 from engine.backends.base import Backend
 from engine.config import RunConfig
-from engine.dataset import Dataset, build_dataset
-from engine.autotune import autotune
-from engine.metrics import Metrics
-from engine.pool import WorkerPool
+from engine.pipeline.dataset import Dataset, build_dataset
+from engine.pipeline.autotune import autotune
+from engine.report.metrics import Metrics
+from engine.pipeline.pool import WorkerPool
 from engine.procs import usable_cores
-from engine.profile import breakdown
-from engine.report import Progress, environment, format_eval, write_json
-from engine.ring import Ring
-from engine.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
-from engine.trace import write_trace
+from engine.report.profile import breakdown
+from engine.report.output import Progress, environment, format_eval, write_json
+from engine.pipeline.ring import Ring
+from engine.pipeline.sources import PoolSource
+from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
+from engine.report.trace import write_trace
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 
@@ -147,7 +148,7 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
             "workers": workers,
             "worker_deaths": [{"worker": w, "how": h, "path": p} for w, h, p in (pool.deaths if pool else [])],
         },
-        # stage partition of the wall time, decode vs device capacity, verdict (engine/profile.py)
+        # stage partition of the wall time, decode vs device capacity, verdict (engine/report/profile.py)
         "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
                              backend_info.get("backend", cfg.backend), usable_cores()),
         "decode_mode": cfg.preprocess.decode,
@@ -183,7 +184,8 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
 
         progress = Progress(len(ds), cfg.progress)
         state["stats"] = PipelineStats()
-        await run_pipeline(pool, ring, backend, len(ds), cfg.batch_size, cfg.inflight, reduce, progress,
+        source = PoolSource(pool, ring, cfg.batch_size if backend.static_shape else 0)
+        await run_pipeline(source, backend, len(ds), cfg.batch_size, cfg.inflight, reduce, progress,
                            stats=state["stats"])
         progress.close()
     finally:

@@ -1,6 +1,6 @@
 """The worker loop: read a file, decode, resize, crop, write into a ring slot.
 
-Run as `python -m preprocess.worker --fd N --ring NAME ...` by `engine.pool.WorkerPool`. A worker
+Run as `python -m preprocess.worker --fd N --ring NAME ...` by `engine.pipeline.pool.WorkerPool`. A worker
 is single-threaded, imports no torch, and talks to the parent over one socket (the `--fd`):
 
     parent -> worker   (job_id, slot, [(row, path), ...])      or None: exit
@@ -9,7 +9,7 @@ is single-threaded, imports no torch, and talks to the parent over one socket (t
                        ("error", job_id, row, path, traceback)   a bug, re-raised by the parent
 
 Pixels, per-image status and decode times go into the shared ring, never through the socket.
-See NOTE [Slot ownership and shutdown] in engine/ring.py for who may write what and when.
+See NOTE [Slot ownership and shutdown] in engine/pipeline/ring.py for who may write what and when.
 
 Bad files are failed images (status FAILED and a reason), never an exception: anything that is
 not a regular file (a directory, a FIFO, a device, a broken symlink) is refused before it is
@@ -43,7 +43,7 @@ import warnings
 from multiprocessing.connection import Connection
 from typing import List, Optional, Tuple
 
-from engine.ring import BUSY, FAILED, OK, Ring
+from engine.pipeline.ring import BUSY, FAILED, OK, Ring
 from preprocess.decode import DecodeError, preprocess_into
 
 FAULT_ENV = "IMAGENET_ENGINE_FAULT"

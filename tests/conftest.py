@@ -14,7 +14,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from engine.procs import pid_alive, worker_processes  # noqa: E402
-from engine.ring import NAME_PREFIX, SHM_DIR  # noqa: E402
+from engine.pipeline.ring import NAME_PREFIX, SHM_DIR  # noqa: E402
 
 
 def orphan_workers():

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from engine.autotune import BATCH_CANDIDATES, batch_fits, choose_batch, choose_workers, measure_decode
+from engine.pipeline.autotune import BATCH_CANDIDATES, batch_fits, choose_batch, choose_workers, measure_decode
 from engine.procs import usable_cores
 from engine.cli import eval_parser
 
@@ -49,7 +49,7 @@ def test_shared_memory_budget_limits_the_batch():
 
 def test_measure_decode_times_the_run_mode(folder_set):
     from engine.config import PreprocessSpec
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     ds = build_dataset(folder_set)
     paths = [ds.abspath(i) for i in range(len(ds))]

@@ -19,7 +19,7 @@ EVAL = os.path.join(ROOT, "bin", "run-eval")
 @pytest.fixture(scope="module")
 def bad_set(folder_set, tmp_path_factory):
     """A copy of 20 good images plus corrupt, truncated, empty and non-image files in class folders."""
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     root = tmp_path_factory.mktemp("bad_set")
     ds = build_dataset(folder_set, limit=20)

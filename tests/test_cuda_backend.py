@@ -157,7 +157,7 @@ def test_stream_backend_direct_submit_and_compute_only(model_ts):
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255.0
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    from engine.models import load_torchscript
+    from engine.models.zoo import load_torchscript
 
     with torch.no_grad():
         ref = load_torchscript(model_ts)(x).numpy()

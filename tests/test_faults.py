@@ -123,7 +123,7 @@ def _nothing_left(pid: int):
 @pytest.fixture(scope="module")
 def names(folder_set):
     """Relative paths of the images a run sees, in order."""
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     return build_dataset(folder_set, limit=N).paths
 
@@ -315,7 +315,7 @@ def test_parent_killed_outright_leaves_no_workers_and_no_shared_memory(folder_se
             time.sleep(0.5)
             stale = _rings_of(run.pid)
             assert stale, "expected the block to outlive a killed resource tracker"
-            from engine.ring import Ring
+            from engine.pipeline.ring import Ring
 
             Ring(2, 1, (8, 8, 3)).close()  # the next start cleans up
             assert not _rings_of(run.pid)
@@ -344,7 +344,7 @@ def test_ring_bigger_than_dev_shm_is_refused_with_figures_and_what_to_change(fol
 
 
 def test_space_check_uses_the_free_space_of_dev_shm(monkeypatch):
-    from engine import ring as ring_mod
+    from engine.pipeline import ring as ring_mod
 
     class Tiny:  # a 64 MiB mount with 10 MiB free
         f_frsize, f_bsize, f_blocks, f_bavail, f_bfree = 4096, 4096, 16384, 2560, 2560
@@ -362,7 +362,7 @@ def test_ring_pages_are_reserved_so_a_full_mount_fails_at_start_not_mid_run(monk
     SIGBUS the run half-way. A mount that cannot hold the block fails at creation, cleanly."""
     import errno
 
-    from engine import ring as ring_mod
+    from engine.pipeline import ring as ring_mod
 
     calls = []
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine.dataset import DatasetError, build_dataset, read_label_file
+from engine.pipeline.dataset import DatasetError, build_dataset, read_label_file
 from preprocess.decode import DecodeError, preprocess_into
 
 # Pillow warns about corrupt metadata (EXIF, TIFF tags) in files it still decodes; workers ignore those

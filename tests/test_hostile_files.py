@@ -249,9 +249,9 @@ def _pool_pixels(root, names, workers=1, max_image_pixels=None, peak_rss=False):
     """Fill one ring slot with `names` (relative to root) through a WorkerPool; returns
     (pixels [n, 224, 224, 3], status [n], {row: reason}, worker peak RSS in bytes or None)."""
     from engine.config import PreprocessSpec
-    from engine.dataset import Dataset
-    from engine.pool import WorkerPool
-    from engine.ring import Ring
+    from engine.pipeline.dataset import Dataset
+    from engine.pipeline.pool import WorkerPool
+    from engine.pipeline.ring import Ring
 
     ds = Dataset(root=str(root), paths=tuple(names), labels=np.zeros(len(names), np.int64),
                  class_names=("x",), layout="test")
@@ -296,7 +296,7 @@ def odd_good_pixels(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ODD_GOOD)
 def test_odd_file_pixels_equal_the_reference(odd_good_pixels, name):
-    from engine.ring import OK
+    from engine.pipeline.ring import OK
 
     d, pixels, status, failures = odd_good_pixels
     row = ODD_GOOD.index(name)
@@ -342,7 +342,7 @@ def test_default_pixel_limit_is_pillows(tmp_path):
 # -- the index -----------------------------------------------------------------------------------
 
 def test_index_lists_odd_entries_once(hostile_root):
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     ds = build_dataset(str(hostile_root))
     names = [os.path.basename(p) for p in ds.paths]
@@ -351,7 +351,7 @@ def test_index_lists_odd_entries_once(hostile_root):
 
 
 def test_flat_layout_directory_named_like_an_image_is_a_failed_image_not_a_missing_file(tmp_path):
-    from engine.dataset import build_dataset
+    from engine.pipeline.dataset import build_dataset
 
     (tmp_path / "a.JPEG").write_bytes(b"x")
     (tmp_path / "d.JPEG").mkdir()
@@ -374,7 +374,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     import torch
 
     from engine.backends.base import BackendError
-    from engine.models import load_state_dict
+    from engine.models.zoo import load_state_dict
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
@@ -387,7 +387,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_old_torch_without_weights_only_warns(tmp_path, monkeypatch, capsys):
     import torch
 
-    from engine.models import load_state_dict
+    from engine.models.zoo import load_state_dict
 
     path = tmp_path / "ok.pth"
     torch.save({"w": torch.ones(2)}, str(path))
@@ -411,7 +411,7 @@ def test_nothing_is_downloaded_or_loaded_unless_named(tmp_path, monkeypatch):
     import torch
 
     from engine.config import resolve_config
-    from engine.models import build_model
+    from engine.models.zoo import build_model
 
     def refuse(*a, **k):
         raise AssertionError("tried to fetch or load something not named by the user")

@@ -14,10 +14,11 @@ from PIL import Image
 
 from engine.backends.sim import SimBackend, sim_logits
 from engine.config import resolve_config
-from engine.dataset import build_dataset
-from engine.pool import WorkerPool
-from engine.ring import Ring
-from engine.scheduler import loop_name, new_event_loop, run_pipeline
+from engine.pipeline.dataset import build_dataset
+from engine.pipeline.pool import WorkerPool
+from engine.pipeline.ring import Ring
+from engine.pipeline.scheduler import loop_name, new_event_loop, run_pipeline
+from engine.pipeline.sources import PoolSource
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def run_direct(ds, loop_kind="auto", **fields):
         pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers)
         await pool.start()
         try:
-            return await run_pipeline(pool, ring, backend, len(ds), cfg.batch_size, cfg.inflight, reduce)
+            return await run_pipeline(PoolSource(pool, ring), backend, len(ds), cfg.batch_size, cfg.inflight, reduce)
         finally:
             pool.close()
 
@@ -121,7 +122,7 @@ def test_event_loop_never_blocks(folder_set):
         await pool.start()
         t = asyncio.ensure_future(ticker(stop))
         try:
-            await run_pipeline(pool, ring, backend, len(ds), 8, 3, lambda r: None)
+            await run_pipeline(PoolSource(pool, ring), backend, len(ds), 8, 3, lambda r: None)
         finally:
             stop.set()
             await t

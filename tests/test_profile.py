@@ -9,9 +9,9 @@ import os
 import pytest
 
 from conftest import ROOT, run_cli
-from engine.profile import STAGES, breakdown, partition, verdict, workers_needed
-from engine.scheduler import BatchTiming, PipelineStats
-from engine.trace import COMPUTE_TID, COPY_TID, DEVICE_PID, REDUCE_TID, WORKERS_PID, build_trace, idle_waiting
+from engine.report.profile import STAGES, breakdown, partition, verdict, workers_needed
+from engine.pipeline.scheduler import BatchTiming, PipelineStats
+from engine.report.trace import COMPUTE_TID, COPY_TID, DEVICE_PID, REDUCE_TID, WORKERS_PID, build_trace, idle_waiting
 
 EVAL = os.path.join(ROOT, "bin", "run-eval")
 
@@ -122,7 +122,7 @@ def test_device_and_decode_bound_verdicts_end_to_end(folder_set, tmp_path):
 
 
 def test_trace_of_a_synthetic_run_is_serial_per_stream():
-    from engine.pool import JobSpan
+    from engine.pipeline.pool import JobSpan
 
     batches = [_bt(0, 0.0, 1.0, 1.0, 1.2, 2.0, 2.1), _bt(1, 0.2, 1.1, 1.1, 1.3, 3.0, 3.1)]
     spans = [JobSpan(0, 0, 0, 8, 0.0, 1.0), JobSpan(1, 1, 1, 8, 0.2, 1.1)]

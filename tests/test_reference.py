@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.config import resolve_config
-from engine.dataset import build_dataset
+from engine.pipeline.dataset import build_dataset
 from engine.evaluate import run_eval
 
 N = 48
@@ -82,7 +82,7 @@ def test_normalisation_matches_totensor_normalize():
     from torchvision import transforms
     from PIL import Image
 
-    from engine.models import InputAdapter
+    from engine.models.zoo import InputAdapter
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (3, 40, 30, 3), dtype=np.uint8)

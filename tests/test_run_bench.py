@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-import engine.report  # noqa: F401  (see NOTE below)
+import engine.report.output  # noqa: F401  (see NOTE below)
 from engine.bench import latency_row, parse_batch_sizes, run_bench_main
 
-# NOTE: engine.report.Progress binds `stream=sys.stderr` when engine.report is first imported; if
+# NOTE: engine.report.output.Progress binds `stream=sys.stderr` when engine.report.output is first imported; if
 # that happened inside a capsys test, later runs would write to capsys's closed stream. Importing it
 # here, at collection, binds pytest's session-long stream instead.
 

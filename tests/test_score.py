@@ -22,9 +22,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from engine.classes import imagenet_classes  # noqa: E402
-from engine.manifest import (ShardError, build_manifest, from_paths, load_manifest, resolve_shard,  # noqa: E402
+from engine.scoring.manifest import (ShardError, build_manifest, from_paths, load_manifest, resolve_shard,  # noqa: E402
                              shard_parts)
-from engine.writer import COLUMNS, OutputDir  # noqa: E402
+from engine.scoring.writer import COLUMNS, OutputDir  # noqa: E402
 
 RUN_SCORE = os.path.join(ROOT, "bin", "run-score")
 FAST = ["--backend", "sim", "--sim-batch-ms", "1", "--workers", "1", "--batch-size", "4",
@@ -349,8 +349,8 @@ def test_summary_reports_rate_and_progress_goes_to_stderr(tiny, tmp_path):
 # -- the reducer, in process ---------------------------------------------------------------------
 def test_topk_rows_matches_the_metrics_tie_rule():
     from engine.backends.sim import sim_logits
-    from engine.metrics import topk_indices
-    from engine.score import softmax_topk, topk_rows
+    from engine.report.metrics import topk_indices
+    from engine.scoring.job import softmax_topk, topk_rows
 
     rng = np.random.default_rng(2)
     for trial in range(300):
@@ -373,8 +373,8 @@ def test_topk_rows_matches_the_metrics_tie_rule():
 
 
 def test_router_buffers_out_of_order_batches_into_whole_parts():
-    from engine.scheduler import BatchResult
-    from engine.score import PartRouter
+    from engine.pipeline.scheduler import BatchResult
+    from engine.scoring.job import PartRouter
 
     class Writer:
         error = None

@@ -120,7 +120,7 @@ def test_sigkill_at_random_moments_then_resume_gives_every_id_once(tmp_path):
 _FAKE_FULL_DISK = r"""
 import errno, os, sys
 sys.path.insert(0, {root!r})
-import engine.writer as w
+import engine.scoring.writer as w
 real, calls = w._write_all, [0]
 
 def full_after(fd, data):
@@ -132,7 +132,7 @@ def full_after(fd, data):
     real(fd, data)
 
 w._write_all = full_after
-from engine.score import run_score_main
+from engine.scoring.run import run_score_main
 sys.exit(run_score_main(sys.argv[1:]))
 """
 

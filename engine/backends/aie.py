@@ -10,7 +10,7 @@ tests/fakes/torch_aie. What it does:
   unnormalised (exact in float16). Which one, and why, is in `describe()`.
 - static shapes (`--shape static`): one batch size; the scheduler pads a short last batch to it
   (`static_shape = True`) and drops the padding. `--shape dynamic`: a range 1..B, no padding.
-- compiled modules are cached on disk (engine/compile_cache.py), keyed by the model's bytes and
+- compiled modules are cached on disk (engine/models/compile_cache.py), keyed by the model's bytes and
   every compile option; a second run loads instead of compiling.
 - copies run on one stream and the model on another. torch_aie has no events, so the host knows a
   copy has finished only by `synchronize()`, which blocks: `InFlight.copied()` synchronises the
@@ -36,8 +36,8 @@ import torch
 
 from engine import __version__
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
-from engine.compile_cache import CompileCache, cache_key
-from engine.models import (InputAdapter, WithInput, build_model, cached_torchvision_weights, file_sha256,
+from engine.models.compile_cache import CompileCache, cache_key
+from engine.models.zoo import (InputAdapter, WithInput, build_model, cached_torchvision_weights, file_sha256,
                            quiet_jit)
 
 # --precision -> torch_aie.PrecisionPolicy member name

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from engine.backends.base import Backend, BackendError, InFlight, timed_calls
-from engine.models import InputAdapter, WithInput, build_model
+from engine.models.zoo import InputAdapter, WithInput, build_model
 from engine.procs import usable_cores
 
 

@@ -1,6 +1,6 @@
 """The `cuda` backend, and `StreamBackend`, which `npu` (torch_npu) shares: torch's stream/event API.
 
-Per batch (NOTE "slot ownership" in engine/ring.py for when the slot is free again):
+Per batch (NOTE "slot ownership" in engine/pipeline/ring.py for when the slot is free again):
 
     copy stream:     H2D of the uint8 NHWC batch -> event `copied`
     compute stream:  wait(copied) -> InputAdapter + model (fp16/bf16, channels_last)
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
-from engine.models import InputAdapter, WithInput, build_model
+from engine.models.zoo import InputAdapter, WithInput, build_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,9 +1,10 @@
-"""The asyncio pipeline: filled slots -> H2D copy -> model -> logits -> reduction.
+"""The asyncio pipeline: filled batches -> H2D copy -> model -> logits -> reduction.
 
-    feeder:   await a FREE slot -> pool.fill(slot, batch)          (workers decode into it)
-    consumer: await the next filled slot -> take an in-flight place -> device_batch()
+    feeder:   source.fill(batch) (waits for room in the source)  (engine/pipeline/sources.py)
+    consumer: await the next filled batch -> take an in-flight place -> device_batch()
     device_batch (several at once, at most `inflight`):
-        submit (copy + model enqueued) -> await copied -> slot FREE again (NOTE in engine/ring.py)
+        submit (copy + model enqueued) -> await copied -> batch.release(): for the decode pool,
+        its slot is FREE again (NOTE in engine/pipeline/ring.py)
         -> await result -> reduce (top-k, metrics or writer) on the loop thread
 
 Every call that can block on the device runs in an executor thread, so the event loop only
@@ -23,8 +24,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from engine.backends.base import Backend
-from engine.pool import Fill, WorkerPool
-from engine.ring import OK, Ring
+from engine.pipeline.sources import Batch, Source
 
 
 @dataclass
@@ -64,21 +64,18 @@ class PipelineStats:
     batches: List[BatchTiming] = field(default_factory=list)
 
 
-async def run_pipeline(pool: WorkerPool, ring: Ring, backend: Backend, n_images: int, batch_size: int,
+async def run_pipeline(source: Source, backend: Backend, n_images: int, batch_size: int,
                        inflight: int, reduce: Callable[[BatchResult], None],
                        progress: Optional[Callable[[int, float], None]] = None,
                        start: int = 0, stats: Optional[PipelineStats] = None) -> PipelineStats:
-    """Score dataset images [start, n_images) in batches; `reduce` gets each finished batch.
+    """Score dataset images [start, n_images) in batches from `source`; `reduce` gets each finished
+    batch. A static-shape backend needs the source to pad its batches to `batch_size` rows.
 
     `stats` (filled as batches finish) stays valid if the run is cancelled part-way.
     """
     loop = asyncio.get_running_loop()
     stats = stats if stats is not None else PipelineStats()
-    pad = backend.static_shape
     num_batches = math.ceil((n_images - start) / batch_size)
-    free: "asyncio.Queue[int]" = asyncio.Queue()
-    for k in range(ring.slots):
-        free.put_nowait(k)
     filled: "asyncio.Queue[asyncio.Future]" = asyncio.Queue()
     places = asyncio.Semaphore(inflight)
     executor = ThreadPoolExecutor(max_workers=inflight + 1, thread_name_prefix="device")
@@ -87,30 +84,24 @@ async def run_pipeline(pool: WorkerPool, ring: Ring, backend: Backend, n_images:
 
     async def feeder():
         for b in range(num_batches):
-            slot = await free.get()
             lo = start + b * batch_size
-            fut = pool.fill(slot, b, lo, min(batch_size, n_images - lo))
+            fut = await source.fill(b, lo, min(batch_size, n_images - lo))
             fut.add_done_callback(filled.put_nowait)
 
-    async def device_batch(f: Fill):
+    async def device_batch(f: Batch):
         nonlocal done_images
-        slot, n = f.slot, f.n
+        n = f.n
         try:
-            # host copies of the small per-image arrays: the slot is reused once copied
-            indices = ring.indices[slot, :n].copy()
-            labels = ring.labels[slot, :n].copy()
-            ok = ring.status[slot, :n] == OK
-            stats.decode_s += float(ring.decode_ns[slot, :n].sum()) / 1e9
-            view = ring.pixels(slot)[: batch_size if pad else n]
+            stats.decode_s += f.decode_s
             t0 = time.monotonic()
-            job = await loop.run_in_executor(executor, backend.submit, view)
+            job = await loop.run_in_executor(executor, backend.submit, f.pixels)
             await loop.run_in_executor(executor, job.copied)
             t1 = time.monotonic()
         finally:
-            free.put_nowait(slot)
+            f.release()
         logits = await loop.run_in_executor(executor, job.result)
         t2 = time.monotonic()
-        reduce(BatchResult(f.batch_no, f.start, indices, labels, ok, logits[:n], list(f.failures)))
+        reduce(BatchResult(f.batch_no, f.start, f.indices, f.labels, f.ok, logits[:n], list(f.failures)))
         t3 = time.monotonic()
         stats.copy_s += t1 - t0
         stats.compute_s += t2 - t1
@@ -126,7 +117,7 @@ async def run_pipeline(pool: WorkerPool, ring: Ring, backend: Backend, n_images:
         try:
             for _ in range(num_batches):
                 t = time.monotonic()
-                fill = (await filled.get()).result()  # a pool failure is raised here
+                fill = (await filled.get()).result()  # a source's failure (the pool's) is raised here
                 stats.wait_s += time.monotonic() - t
                 await places.acquire()
                 task = loop.create_task(device_batch(fill))

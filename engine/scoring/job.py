@@ -1,30 +1,16 @@
-"""`run-score`: top-k predictions for every image of a folder or list, in parts, exactly once.
+"""A `run-score` job and its parts: options, the output folder's fingerprint, and `PartScorer`,
+which scores a list of parts through the pipeline (in this process or in a Ray actor).
 
-    --data DIR|LIST -> manifest (frozen, hashed) -> OUT/manifest.tsv + OUT/run.json
-    shard i/n -> its contiguous range of parts -> minus the parts already done -> pending parts
-    pending ids -> ring + worker pool -> backend (one run_pipeline per contiguous run of parts)
-    -> reduce: softmax + top-k, rows routed into per-part buffers (batches finish in any order)
-    -> a buffer that has all its rows -> the writer thread -> commit (NOTE in engine/writer.py)
-    -> every part of the manifest done -> OUT/_SUCCESS
-
-Resuming is the default: OUT/run.json holds the manifest hash and the configuration that
-decides the rows (model, weights hash, backend, precision, preprocessing, top-k, format, part
-size); a run whose manifest or configuration differs is refused, one that matches skips the
-parts already done. With `--ray`, engine/ray_runner.py runs the same `PartScorer` in Ray actors.
-
-Exit statuses: 0 every image of this shard scored; 1 some images failed (error rows); 2 bad
-options, or OUT belongs to another run; 3 the run could not go on (disk full, worker, backend
-or shared-memory error); 130/143 stopped by SIGINT/SIGTERM (finished parts are kept).
+The command itself (parser, summary, exit statuses) is engine/scoring/run.py; the Ray runner
+(engine/scoring/ray_runner.py) imports this module only, so neither imports the other.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,10 +21,10 @@ from engine import __version__
 from engine.classes import imagenet_classes
 from engine.config import RunConfig
 from engine.files import file_sha256
-from engine.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
-from engine.metrics import topk_indices
-from engine.scheduler import BatchResult, PipelineStats
-from engine.writer import (FORMATS, RUN_FILE, DiskFullError, OutputDir, OutputError, PartRows, PartWriter,
+from engine.scoring.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
+from engine.report.metrics import topk_indices
+from engine.pipeline.scheduler import BatchResult, PipelineStats
+from engine.scoring.writer import (RUN_FILE, OutputDir, OutputError, PartRows, PartWriter,
                            RowEncoder, create_once)
 
 EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
@@ -192,7 +178,7 @@ def open_job(cfg: RunConfig, opts: ScoreOptions, environ: Mapping[str, str] = os
 
 # -- scoring ------------------------------------------------------------------------------------
 def topk_rows(logits: np.ndarray, k: int) -> np.ndarray:
-    """The k best classes per row, best first, ties to the lower index (as engine.metrics.topk_indices).
+    """The k best classes per row, best first, ties to the lower index (as engine.report.metrics.topk_indices).
 
     Small k: k passes of argmax (argmax returns the first maximum, so ties go to the lower index);
     -inf is lifted to the lowest finite value first so that a taken class (-inf) sorts below it.
@@ -354,9 +340,9 @@ class PartScorer:
         self.stop_signal: Optional[int] = None
 
     def open(self) -> None:
-        from engine.pool import WorkerPool
-        from engine.ring import Ring
-        from engine.scheduler import new_event_loop
+        from engine.pipeline.pool import WorkerPool
+        from engine.pipeline.ring import Ring
+        from engine.pipeline.scheduler import new_event_loop
 
         cfg = self.cfg
         self.loop = new_event_loop()
@@ -400,7 +386,8 @@ class PartScorer:
         return stats
 
     async def _score(self, parts: List[int], stats: ScoreStats, progress) -> None:
-        from engine.scheduler import run_pipeline
+        from engine.pipeline.scheduler import run_pipeline
+        from engine.pipeline.sources import PoolSource
 
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -422,7 +409,8 @@ class PartScorer:
             for first, end in contiguous_runs(parts):
                 lo = self.manifest.part_range(first, self.part_size)[0]
                 hi = min(n, end * self.part_size)
-                await run_pipeline(self.pool, self.ring, self.backend, hi, cfg.batch_size, cfg.inflight,
+                source = PoolSource(self.pool, self.ring, cfg.batch_size if self.backend.static_shape else 0)
+                await run_pipeline(source, self.backend, hi, cfg.batch_size, cfg.inflight,
                                    router.reduce, prog, start=lo, stats=stats.pipeline)
                 base += hi - lo
         except asyncio.CancelledError:
@@ -458,7 +446,7 @@ class PartScorer:
 
 def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
     """Score the job's pending parts in this process. Returns (stats, backend description, signal)."""
-    from engine.report import Progress
+    from engine.report.output import Progress
 
     scorer = PartScorer(job.cfg, job.manifest, job.out, job.meta, job.opts.topk, job.opts.part_size)
     try:
@@ -469,158 +457,3 @@ def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
         return stats, scorer.describe(), scorer.stop_signal
     finally:
         scorer.close()
-
-
-# -- the command --------------------------------------------------------------------------------
-def _span(parts: range) -> str:
-    if len(parts) == 0:
-        return "no parts"
-    return f"part {parts.start}" if len(parts) == 1 else f"parts {parts.start}-{parts.stop - 1}"
-
-
-def format_summary(s: Dict) -> str:
-    lines = [
-        f"{'STOPPED ' if s['stopped'] else ''}Bulk scoring: {s['model']} on {s['backend']}, top-{s['topk']}, "
-        f"{s['format']} -> {s['out']}",
-        f"  manifest      {s['manifest_images']:,} images in {s['parts_total']:,} parts of {s['part_size']:,}, "
-        f"sha256 {s['manifest_sha256'][:16]}",
-        f"  shard         {s['shard']} ({s['shard_source']}): {s['shard_parts']}; {s['parts_done_before']:,} were done, "
-        f"{s['parts_written']:,} written now, {s['parts_left']:,} left",
-        f"  images        {s['images']:,} scored this run, {s['failed']:,} failed (error rows); "
-        f"{s['shard_failed']:,} error rows in the shard's done parts",
-        f"  wall time     {s['wall_s']:.2f} s, {s['img_per_s']:,.1f} img/s (writer thread busy {s['writer_s']:.2f} s)",
-        f"  output        {s['parts_done_total']:,}/{s['parts_total']:,} parts done"
-        + (", _SUCCESS written" if s["success"] else ""),
-    ]
-    if s["stopped"]:
-        lines.append("  stopped early: finished parts are kept; run the same command again to resume")
-    return "\n".join(lines)
-
-
-def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str, str] = os.environ
-              ) -> Tuple[Dict, int]:
-    """Score `cfg.data` into `opts.out`; prints the summary; returns (summary, exit status)."""
-    out = out or sys.stdout
-    t0 = time.monotonic()
-    if opts.ray is None and cfg.backend == "auto":
-        from engine.backends import resolve_auto
-
-        cfg = cfg.replace(backend=resolve_auto())
-    job = open_job(cfg, opts, environ)
-    i, n = job.shard
-    if cfg.progress:
-        print(f"run-score: {len(job.manifest):,} images, {job.out.num_parts:,} parts; shard {i}/{n} "
-              f"({job.shard_source}): {_span(job.parts)}, {len(job.done_before):,} done, "
-              f"{len(job.pending):,} to score ({job.pending_images():,} images)", file=sys.stderr)
-    stopped = None
-    backend_info: Dict = {"backend": cfg.backend}
-    if not job.pending:
-        stats = ScoreStats()
-    elif opts.ray is not None:
-        from engine.ray_runner import score_ray
-
-        stats, backend_info, stopped = score_ray(job)
-    else:
-        stats, backend_info, stopped = score_local(job)
-    wall = time.monotonic() - t0
-    success = job.out.write_success({"manifest_sha256": job.manifest.sha256, "run": job.meta,
-                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    shard_records = job.out.done_records(job.parts)
-    summary = {
-        "out": job.out.path, "model": cfg.model, "backend": backend_info.get("backend", cfg.backend),
-        "backend_info": backend_info, "topk": job.meta["topk"], "format": opts.fmt,
-        "manifest_images": len(job.manifest), "manifest_sha256": job.manifest.sha256,
-        "part_size": opts.part_size, "parts_total": job.out.num_parts, "shard": f"{i}/{n}",
-        "shard_source": job.shard_source, "shard_parts": _span(job.parts),
-        "parts_done_before": len(job.done_before), "parts_written": stats.parts_written,
-        "parts_left": len(job.parts) - len(shard_records),
-        "images": stats.images, "failed": stats.failed,
-        "shard_failed": sum(r["failed"] for r in shard_records.values()),
-        "wall_s": wall, "img_per_s": stats.images / stats.wall_s if stats.wall_s > 0 else 0.0,
-        "score_wall_s": stats.wall_s, "writer_s": stats.writer_s,
-        "parts_done_total": len(job.out.done_records(range(job.out.num_parts))),
-        "success": success, "stopped": stopped is not None, "version": __version__,
-    }
-    print(format_summary(summary), file=out)
-    if stopped is not None:
-        return summary, 128 + stopped
-    if summary["parts_left"]:
-        return summary, EXIT_ERROR  # only when a part could not be scored without raising
-    return summary, EXIT_FAILED_IMAGES if summary["shard_failed"] else EXIT_OK
-
-
-def score_parser() -> argparse.ArgumentParser:
-    from engine.cli import add_model_args, add_pipeline_args, add_preprocess_args, positive_int
-
-    p = argparse.ArgumentParser(
-        prog="run-score",
-        description="Top-k predictions for every image of a folder or list into parquet/jsonl/csv parts: "
-                    "exactly once, resumable, sharded, optionally on a Ray cluster.")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", metavar="DIR|LIST", required=True,
-                   help="a folder (searched recursively for images) or a text file with one path per line "
-                        "(relative to the file's folder)")
-    g.add_argument("--out", metavar="DIR", required=True,
-                   help="output folder: parts, their .done records, manifest.tsv, run.json, _SUCCESS")
-    g.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
-    g.add_argument("--format", choices=FORMATS, default="parquet", help="(default: %(default)s)")
-    g.add_argument("--part-size", type=positive_int, default=DEFAULT_PART_SIZE,
-                   help="images per output part (default: %(default)s)")
-    g.add_argument("--limit", type=positive_int, help="only the first N images of the manifest")
-    g.add_argument("--shard", metavar="I/N",
-                   help="score shard I of N (a contiguous range of parts); default: from "
-                        "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else RANK/WORLD_SIZE, else 0/1")
-    g.add_argument("--resume", dest="resume", action="store_true", default=True,
-                   help="skip the parts already done in --out (the default)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="refuse to run if --out already holds a run")
-    g.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
-    r = p.add_argument_group("ray")
-    r.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
-                   help="run on a Ray cluster: --ray (the cluster this machine belongs to), --ray ADDRESS, or "
-                        "--ray local (start a local one); needs `pip install .[ray]`")
-    r.add_argument("--ray-actors", type=positive_int, default=0,
-                   help="scoring actors (default: one per GPU/NPU of the cluster; on cpu/sim, one)")
-    add_model_args(p)
-    add_preprocess_args(p)
-    add_pipeline_args(p)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
-
-
-def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] = os.environ) -> int:
-    from engine.backends.base import BackendError
-    from engine.cli import config_from_args
-    from engine.config import ConfigError
-    from engine.dataset import DatasetError
-    from engine.manifest import ManifestError, ShardError
-    from engine.pool import PoolError
-    from engine.report import write_json
-    from engine.ring import RingError
-
-    p = score_parser()
-    a = p.parse_args(argv)
-    try:
-        cfg = config_from_args(a, data=a.data, limit=a.limit, labels=None, json_path=a.json)
-        opts = ScoreOptions(out=a.out, topk=a.topk, fmt=a.format, part_size=a.part_size, shard=a.shard,
-                            resume=a.resume, ray=a.ray, ray_actors=a.ray_actors)
-        summary, status = run_score(cfg, opts, environ=environ)
-        if a.json:
-            write_json(a.json, summary)
-        return status
-    except (ConfigError, DatasetError, ManifestError, MismatchError, ShardError) as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DiskFullError as e:
-        print(f"run-score: error: {e}; nothing half-written is recorded as done and finished parts are kept: "
-              "make room (or use another --out) and run the same command again to resume", file=sys.stderr)
-        return EXIT_ERROR
-    except OutputError as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (BackendError, PoolError, RingError) as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR

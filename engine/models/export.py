@@ -23,7 +23,7 @@ def export_torchscript(weights: str, out: str, model: str = "resnext50_32x4d", n
     import torch
 
     from engine.config import preset_for
-    from engine.models import build_torchvision, quiet_jit
+    from engine.models.zoo import build_torchvision, quiet_jit
 
     if not os.path.isfile(weights):
         raise ExportError(f"{weights}: no such file")

@@ -5,7 +5,7 @@ worker over its socket, and returns a future that resolves when every chunk has 
 Everything runs on the event loop: a worker's socket is a reader (`loop.add_reader`), so waiting
 for workers never polls; a worker that dies closes its socket, which the same reader sees at once.
 
-Dead workers (see NOTE [Slot ownership and shutdown] in engine/ring.py): the rows of its
+Dead workers (see NOTE [Slot ownership and shutdown] in engine/pipeline/ring.py): the rows of its
 unanswered chunks that are not OK are sent again to a replacement. The row it was decoding
 (status BUSY) is charged one death; an image charged two deaths is failed, not retried forever.
 A watchdog kills a worker stuck on one image for longer than `image_timeout` the same way.
@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection
 from typing import Deque, Dict, List, Optional, Tuple
 
 from engine.config import PreprocessSpec
-from engine.dataset import Dataset
-from engine.ring import BUSY, EMPTY, FAILED, OK, Ring
+from engine.pipeline.dataset import Dataset
+from engine.pipeline.ring import BUSY, EMPTY, FAILED, OK, Ring
 
 
 class PoolError(RuntimeError):

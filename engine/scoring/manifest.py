@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 
 from engine.classes import imagenet_classes
-from engine.dataset import UNLABELLED, Dataset, DatasetError, build_unlabelled
+from engine.pipeline.dataset import UNLABELLED, Dataset, DatasetError, build_unlabelled
 
 MANIFEST_FILE = "manifest.tsv"
 MAGIC = "# imagenet-engine manifest v1"

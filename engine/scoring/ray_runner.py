@@ -1,6 +1,6 @@
 """`run-score --ray`: the pending parts spread over Ray actors, through the same part/done protocol.
 
-    driver: manifest + OUT checked (engine/score.py) -> pending parts
+    driver: manifest + OUT checked (engine/scoring/job.py) -> pending parts
       -> ray.data.from_items([{"part": p}, ...])            one block per part
       -> map_batches(ScoreActor, batch_size=1, compute=ActorPoolStrategy(size=N),
                      num_gpus=1 | resources={"NPU": 1}, num_cpus=workers + 1)
@@ -10,7 +10,7 @@
 
 Ray Data restarts a dead actor and retries its task (max_restarts=-1, max_task_retries=-1 are
 its defaults for actor pools). A part is committed atomically and committing it twice writes the
-same rows (NOTE [Part commit protocol] in engine/writer.py), so a retried part, or a part an
+same rows (NOTE [Part commit protocol] in engine/scoring/writer.py), so a retried part, or a part an
 actor finished just before it died, still ends up in the output exactly once.
 
 Ray is imported only here, only with --ray. OUT and --data must be reachable at the same paths
@@ -29,9 +29,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from engine.config import ConfigError, RunConfig
-from engine.manifest import MANIFEST_FILE, load_manifest
-from engine.score import Job, PartScorer, ScoreStats
-from engine.writer import OutputDir
+from engine.scoring.manifest import MANIFEST_FILE, load_manifest
+from engine.scoring.job import Job, PartScorer, ScoreStats
+from engine.scoring.writer import OutputDir
 
 
 class RayUnavailable(ConfigError):
@@ -53,7 +53,7 @@ class ScoreActor:
 
     def __del__(self):
         # Ray Data drops the UDF on a graceful actor exit: end the decode workers, unlink the ring.
-        # A killed actor's ring is unlinked by the next Ring() on that machine (engine/ring.py).
+        # A killed actor's ring is unlinked by the next Ring() on that machine (engine/pipeline/ring.py).
         scorer = getattr(self, "scorer", None)
         if scorer is not None:
             self.scorer = None
@@ -91,7 +91,8 @@ def _import_ray():
 
 
 def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # engine/scoring/ray_runner.py -> the folder that holds engine/ and preprocess/
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def actor_resources(cfg: RunConfig) -> Dict:
@@ -119,7 +120,7 @@ def default_actors(ray, cfg: RunConfig) -> int:
 def _reap_local_actors(pids: List[int], timeout: float = 15.0) -> None:
     """After a local cluster's shutdown: wait for its actors to exit, then unlink the rings that
     actors killed outright left in /dev/shm (what the next Ring() on this machine would do)."""
-    from engine.ring import cleanup_stale
+    from engine.pipeline.ring import cleanup_stale
     from engine.procs import pid_alive as _alive
 
     deadline = time.monotonic() + timeout
@@ -136,7 +137,7 @@ class _Stop(Exception):
 
 def score_ray(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
     """Score the job's pending parts on Ray. Returns (stats, backend description, stop signal)."""
-    from engine.report import Progress
+    from engine.report.output import Progress
 
     cfg, opts = job.cfg, job.opts
     if cfg.backend == "auto":

@@ -20,9 +20,9 @@ Every slot is owned by exactly one party at a time, and only the parent moves it
 
 - A worker writes only the rows of the chunk it was sent, and only while the slot is FILLING.
   It sets status BUSY before decoding an image and OK/FAILED after, so when a worker dies the
-  parent knows which image it was decoding (see `engine/pool.py`, `WorkerPool._on_death`).
+  parent knows which image it was decoding (see `engine/pipeline/pool.py`, `WorkerPool._on_death`).
 - The parent never reads a slot's pixels before all its chunks are answered, and never hands a
-  slot back to the workers before the backend reports the copy done (`engine/scheduler.py`).
+  slot back to the workers before the backend reports the copy done (`engine/pipeline/scheduler.py`).
 - Shutdown (normal end, error, Ctrl-C, SIGTERM): the parent closes the worker pipes (workers see
   EOF and exit), waits briefly, kills what is left, then closes and unlinks the block. Workers
   never unlink. If the parent is killed outright, workers see EOF on their pipe (and get SIGKILL

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from engine.report import write_json
+from engine.report.output import write_json
 
 WORKERS_PID, DEVICE_PID, SCHEDULER_PID = 1, 2, 3
 COPY_TID, COMPUTE_TID, REDUCE_TID = 1, 2, 3

@@ -23,8 +23,8 @@ import time
 from typing import Dict, Optional, Sequence, Tuple
 
 from engine.procs import usable_cores
-from engine.ring import shm_free
-from engine.profile import WORKER_HEADROOM, workers_needed
+from engine.pipeline.ring import shm_free
+from engine.report.profile import WORKER_HEADROOM, workers_needed
 
 BATCH_CANDIDATES = (8, 16, 32, 64, 128, 256)
 SHM_SHARE = 0.5  # of the free /dev/shm the ring may take

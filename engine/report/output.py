@@ -80,8 +80,8 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
                  f" {tp.get('compute_only_iterations', 0)} calls)")
     if tp.get("ratio"):
         lines.append(f"  ratio         {tp['ratio']:.3f}  (end to end / compute only)")
-    if report.get("profile"):  # stage partition, capacities and verdict (engine/profile.py)
-        from engine.profile import format_breakdown
+    if report.get("profile"):  # stage partition, capacities and verdict (engine/report/profile.py)
+        from engine.report.profile import format_breakdown
 
         lines.extend(format_breakdown(report["profile"]))
     else:

@@ -1,0 +1,8 @@
+"""The pipeline: from image files to filled batches on the device.
+
+    dataset.py    the index (ImageFolder, flat dir + labels, file lists, shards)
+    ring.py       the shared-memory ring of batch slots (NOTE [Ring slot ownership and shutdown])
+    pool.py       the decode workers that fill ring slots
+    scheduler.py  the asyncio loop: filled slot -> H2D copy -> model -> logits, overlapped
+    autotune.py   --workers / --batch-size auto
+"""
