@@ -100,8 +100,9 @@ def format_table(bench: Dict) -> str:
     cfg = bench["config"]
     info = cfg.get("backend_info", {})
     head = (f"run-bench: {cfg['backend']} ({info.get('device_name') or info.get('device', '?')}), "
-            f"{cfg['model']}, {cfg['precision']}, {cfg['shape']} shape, input {cfg['preprocess']['crop']}x"
-            f"{cfg['preprocess']['crop']}, {cfg['iterations']} timed calls after {cfg['warmup']} warm-up "
+            f"{info.get('model') or cfg['model']}, {cfg['precision']}, {cfg['shape']} shape, "
+            f"input {cfg['preprocess']['crop']}x{cfg['preprocess']['crop']}, "
+            f"{cfg['iterations']} timed calls after {cfg['warmup']} warm-up "
             "(compute only: input on the device, each call synchronised)")
     e2e = any("end_to_end_img_per_s" in r for r in bench["results"])
     cols = ["batch", "mean ms", "p50 ms", "p99 ms", "img/s"] + (["e2e img/s", "e2e/compute"] if e2e else [])
@@ -151,7 +152,8 @@ def plot(bench: Dict, path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(f"{cfg['model']} on {cfg['backend']} ({cfg['precision']}, {cfg['shape']})")
+    name = cfg.get("backend_info", {}).get("model") or cfg["model"]
+    ax.set_title(f"{name} on {cfg['backend']} ({cfg['precision']}, {cfg['shape']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

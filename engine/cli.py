@@ -39,9 +39,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="state dict for --model (like resnext50_32x4d-7cdf4587.pth); default: torchvision's "
                         "cached V1 weights if present, else random weights (with a warning)")
     g.add_argument("--ts", metavar="FILE", help="a TorchScript model instead of --model/--weights")
-    g.add_argument("--backend", default="cpu", choices=BACKENDS,
-                   help="cpu, sim (simulated accelerator), cuda, aie (torch_aie), npu (torch_npu), or auto "
-                        "(aie, else npu, else cuda, else cpu) (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (aie if torch_aie imports, else npu if torch_npu imports, else cuda if torch sees "
+                        "a GPU, else cpu; the choice is printed with its reason), cpu, sim (simulated "
+                        "accelerator), cuda, aie (torch_aie), npu (torch_npu) (default: %(default)s)")
     g.add_argument("--device", type=int, default=0, help="device id for cuda/aie/npu (default: 0)")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="fp32, fp16 or bf16 (default: fp16 on aie/npu/cuda, fp32 on cpu)")
@@ -88,7 +89,8 @@ def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64, allow
     number = positive_int_or_auto if allow_auto else positive_int
     auto = "; auto: measured before the run, the choice and its reasons are printed" if allow_auto else ""
     g.add_argument("--batch-size", type=number, default=batch_default, help=f"(default: %(default)s{auto})")
-    g.add_argument("--workers", type=number, default=1,
+    # "auto" where the command can measure (run-eval); a number always wins
+    g.add_argument("--workers", type=number, default="auto" if allow_auto else 1,
                    help=f"decode worker processes (default: %(default)s{auto})")
     g.add_argument("--ring-slots", type=positive_int, default=0,
                    help="batch slots in shared memory (default: in-flight batches + 2)")

@@ -117,6 +117,7 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
     busy = sum(w["busy_s"] for w in workers)
     per_worker = (sum(w["images"] for w in workers) / busy) if busy > 0 else 0.0
     return {
+        "model": backend_info.get("model", cfg.ts or cfg.model),  # the --ts file when one ran
         "top1": metrics.accuracy(1),
         "top5": metrics.accuracy(5),
         "correct_top1": metrics.correct[1],
@@ -207,7 +208,9 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         backend = create_backend(cfg)
         cfg = cfg.replace(backend=backend.name)
         if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
+            auto_reason = backend.auto_reason
             cfg, backend, state["autotune"] = autotune(cfg, ds, backend)
+            backend.auto_reason = auto_reason
         else:
             backend.prepare(cfg.batch_size)
         ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
@@ -236,6 +239,8 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
             ring.close()
         if backend is not None:
             backend_info = backend.describe()  # before close(): it says what ran (graphs, host memory)
+            if backend.auto_reason:
+                backend_info["auto"] = backend.auto_reason
             backend.close()
         else:
             backend_info = {"backend": cfg.backend}

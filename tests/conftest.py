@@ -13,6 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Tests never reach the network: no weight downloads, here or in the commands they start
+# (tests/test_weights.py serves its own files on loopback and unsets this itself).
+os.environ["IMAGENET_ENGINE_NO_DOWNLOAD"] = "1"
+
 from engine.procs import pid_alive, worker_processes  # noqa: E402
 from engine.pipeline.ring import NAME_PREFIX, SHM_DIR  # noqa: E402
 

@@ -37,7 +37,7 @@ import torch
 from engine import __version__
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.models.compile_cache import CompileCache, cache_key
-from engine.models.zoo import (InputAdapter, WithInput, build_model, cached_torchvision_weights, file_sha256,
+from engine.models.zoo import (InputAdapter, WithInput, build_model, file_sha256, model_name, torchvision_weights,
                            quiet_jit)
 
 # --precision -> torch_aie.PrecisionPolicy member name
@@ -164,9 +164,10 @@ class AieBackend(Backend):
             if not os.path.isfile(cfg.ts):
                 raise BackendError(f"--ts {cfg.ts}: no such file")
             sha = file_sha256(cfg.ts)
-            self._model_info = {"model": cfg.model, "source": "torchscript", "ts": cfg.ts, "sha256": sha}
+            self._model_info = {"model": model_name(cfg), "source": "torchscript", "ts": cfg.ts, "sha256": sha,
+                                "preset": cfg.model}
             return {"kind": "torchscript", "sha256": sha}
-        weights = cfg.weights or cached_torchvision_weights(cfg.model)
+        weights = cfg.weights or torchvision_weights(cfg.model)[0]
         if weights is None:
             import torchvision
 

@@ -43,6 +43,8 @@ class Backend:
     has_events = False
     #: a static-shape backend needs every batch padded to the prepared batch size
     static_shape = False
+    #: why `--backend auto` picked this backend (set by create_backend), else None
+    auto_reason = None
 
     def __init__(self, config: RunConfig):
         self.config = config

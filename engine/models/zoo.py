@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -51,19 +51,83 @@ class WithInput(nn.Module):
         return self.model(self.adapter(x))
 
 
-def cached_torchvision_weights(model: str) -> Optional[str]:
-    """The V1 ImageNet weights of `model` in torchvision's download cache, if present.
+#: set to 1 to never download weights (the tests set it: they must not reach the network)
+NO_DOWNLOAD_ENV = "IMAGENET_ENGINE_NO_DOWNLOAD"
+DOWNLOAD_TIMEOUT_S = 20.0
+_download_failed: Dict[str, str] = {}  # url -> why, so one process tries each url once
 
-    Only V1 weights match the default presets (resize 256, crop 224); nothing is downloaded.
-    """
+
+def _v1_weights_url(model: str) -> Optional[str]:
     try:
         from torchvision.models import get_model_weights
 
-        url = get_model_weights(model).IMAGENET1K_V1.url
+        return get_model_weights(model).IMAGENET1K_V1.url
     except Exception:
         return None
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _checkpoint_path(url: str) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def cached_torchvision_weights(model: str) -> Optional[str]:
+    """The V1 ImageNet weights of `model` in torchvision's download cache, if present.
+
+    Only V1 weights match the default presets (resize 256, crop 224).
+    """
+    url = _v1_weights_url(model)
+    if url is None:
+        return None
+    path = _checkpoint_path(url)
     return path if os.path.isfile(path) else None
+
+
+def download_weights(url: str, path: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch `url` into `path` the way torchvision does (its file names end in the first hex
+    digits of the file's sha256, which are checked), atomically: a cut download leaves no file."""
+    import hashlib
+    import re
+    import urllib.request
+
+    m = re.search(r"-([a-f0-9]{6,})\.", os.path.basename(url))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial.{os.getpid()}"
+    sha = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            while True:
+                block = r.read(1 << 20)
+                if not block:
+                    break
+                sha.update(block)
+                f.write(block)
+        if m and not sha.hexdigest().startswith(m.group(1)):
+            raise OSError(f"sha256 {sha.hexdigest()[:12]}... does not start with {m.group(1)} (a corrupt download)")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def torchvision_weights(model: str, environ=os.environ) -> Tuple[Optional[str], str]:
+    """(path, how) of `model`'s V1 ImageNet weights: torchvision's cache, else a download through
+    torchvision's URL (hash-checked) unless $IMAGENET_ENGINE_NO_DOWNLOAD=1; (None, why) without."""
+    url = _v1_weights_url(model)
+    if url is None:
+        return None, f"torchvision has no IMAGENET1K_V1 weights for {model}"
+    path = _checkpoint_path(url)
+    if os.path.isfile(path):
+        return path, "torchvision's cache"
+    if environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
+        return None, f"not in torchvision's cache ({path}) and {NO_DOWNLOAD_ENV} is set"
+    if url not in _download_failed:
+        print(f"downloading {model} weights: {url} -> {path}", file=sys.stderr)
+        try:
+            download_weights(url, path)
+            return path, "downloaded"
+        except Exception as e:  # offline, refused, cut, wrong hash: random weights with a warning
+            _download_failed[url] = f"{type(e).__name__}: {e}"[:300]
+    return None, f"not in torchvision's cache ({path}) and the download failed ({_download_failed[url]})"
 
 
 def load_state_dict(path: str) -> dict:
@@ -95,10 +159,10 @@ def build_torchvision(model: str, weights: Optional[str], num_classes: int = 100
     except (ValueError, KeyError):
         names = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
         raise BackendError(f"--model {model}: not a torchvision classification model (for example: {names}, ...)")
-    source = weights or cached_torchvision_weights(model)
+    source, why = (weights, "--weights") if weights else torchvision_weights(model)
     if source is None:
-        print(f"warning: no weights for {model} (give --weights FILE.pth); using random weights, "
-              "so the accuracy means nothing", file=sys.stderr)
+        print(f"warning: no weights for {model}: {why}; using random weights, so the accuracy means nothing "
+              "(give --weights FILE.pth)", file=sys.stderr)
         torch.manual_seed(0)
         net = torchvision.models.get_model(model, weights=None, num_classes=num_classes)
         return net.eval(), "random"
@@ -131,11 +195,17 @@ def load_torchscript(path: str, map_location: str = "cpu") -> nn.Module:
         raise BackendError(f"--ts {path}: not a loadable TorchScript file ({type(e).__name__}: {str(e)[:300]})")
 
 
+def model_name(config: RunConfig) -> str:
+    """What the report calls the model: the TorchScript file as given with --ts, else --model
+    (with --ts, --model only picks the preprocessing preset)."""
+    return config.ts if config.ts else config.model
+
+
 def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     """The model as the config names it; returns (eval-mode module, description for the report)."""
     if config.ts:
-        return load_torchscript(config.ts), {"model": config.model, "source": "torchscript", "ts": config.ts,
-                                             "sha256": file_sha256(config.ts)}
+        return load_torchscript(config.ts), {"model": model_name(config), "source": "torchscript", "ts": config.ts,
+                                             "sha256": file_sha256(config.ts), "preset": config.model}
     net, source = build_torchvision(config.model, config.weights, config.num_classes)
     info = {"model": config.model, "source": "torchvision", "weights": source}
     if source != "random":

@@ -84,6 +84,7 @@ class PoolSource(Source):
                 out.cancel()
             elif f.exception() is not None:
                 out.set_exception(f.exception())
+                out.exception()  # the run raises the error once; batches never awaited must not log it again
             else:
                 out.set_result(self.batch_of(f.result()))
 

@@ -64,10 +64,13 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
     """The human summary of an evaluation report."""
     cfg, tp, st, be = report["config"], report["throughput"], report["stages"], report["backend"]
     spec = cfg["preprocess"]
-    weights = be.get("weights") or be.get("ts") or be.get("source", "?")
+    if be.get("source") == "torchscript":
+        weights = f"TorchScript, preprocessing of {be.get('preset', cfg['model'])}"
+    else:
+        weights = be.get("weights") or be.get("source", "?")
     lines = []
     title = "PARTIAL " if report.get("partial") else ""
-    lines.append(f"{title}ImageNet evaluation: {cfg['model']} ({weights}) on {be.get('backend')}"
+    lines.append(f"{title}ImageNet evaluation: {report.get('model') or cfg['model']} ({weights}) on {be.get('backend')}"
                  f" [{be.get('device', '')}], batch {cfg['batch_size']}, {cfg['workers']} worker(s), "
                  f"{spec['decode']} decode, resize {spec['resize']} crop {spec['crop']} {spec['interpolation']}")
     total = report["images"] + report["failed"]

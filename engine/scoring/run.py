@@ -88,7 +88,7 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     shard_records = job.out.done_records(job.parts)
     summary = {
-        "out": job.out.path, "model": cfg.model, "backend": backend_info.get("backend", cfg.backend),
+        "out": job.out.path, "model": cfg.ts or cfg.model, "backend": backend_info.get("backend", cfg.backend),
         "backend_info": backend_info, "topk": job.meta["topk"], "format": opts.fmt,
         "manifest_images": len(job.manifest), "manifest_sha256": job.manifest.sha256,
         "part_size": opts.part_size, "parts_total": job.out.num_parts, "shard": f"{i}/{n}",
