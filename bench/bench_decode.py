@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         ratios["fast_pool / dataloader"] = pool["fast"][1] / dl
     # "the fastest decode-only rate (libjpeg-turbo)": with its fast options, and with the accurate
     # IDCT and upsampling fast mode itself must use (the fast options change 5-8 % of top-1
-    # predictions, README "Profiling"); both are held to the 0.8
+    # predictions, docs/profiling.md "--decode fast"); both are held to the 0.8
     targets = {"exact_pool_per_worker / pillow_decode_only": 0.85, "fast_pool_per_worker / exact_pool_per_worker": 1.2,
                "fast_pool_per_worker / fastest_turbo_decode_only": 0.8, "fast_pool_per_worker / turbo_decode_only": 0.8}
     print("ratios:")

@@ -24,7 +24,7 @@ already matches, as torchvision does; where the crop is larger than the
 resized image the outside is zeros, as torchvision's padding gives.
 
 Fast mode (``mode="fast"``) trades bit-exactness for speed, with a measured
-accuracy difference (README, "Profiling"; ``bench/bench_decode.py``):
+accuracy difference (``docs/profiling.md``, "--decode fast"; ``bench/bench_decode.py``):
 
 - JPEGs in YCbCr, RGB or grayscale go through the region decoder
   (:mod:`preprocess.jpegregion`, a small C library over libjpeg-turbo) where
