@@ -161,7 +161,7 @@ def plot(bench: Dict, path: str) -> None:
 
 def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run-bench",
+        prog="run-bench", allow_abbrev=False,
         description="Compute-only latency (mean, p50, p99) and img/s per batch size with the input on the "
                     "device and every call synchronised; --e2e adds the end-to-end figure of a full run-eval.")
     add_model_args(p)

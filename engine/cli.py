@@ -7,8 +7,8 @@ import sys
 from typing import List, Optional
 
 from engine import __version__
-from engine.config import (BACKENDS, DECODE_MODES, INTERPOLATIONS, PRECISIONS, SHAPES, ConfigError, RunConfig,
-                           parse_triple, resolve_config)
+from engine.config import (BACKENDS, DECODE_MODES, INTERPOLATIONS, NAMED_PRESETS, PRECISIONS, SHAPES, ConfigError,
+                           Resize, RunConfig, parse_resize, parse_triple, resolve_config)
 
 
 def positive_int(text: str) -> int:
@@ -29,6 +29,14 @@ def non_negative_float(text: str) -> float:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
     return v
+
+
+def resize_arg(text: str) -> Resize:
+    """`--resize`: "256" (the shorter side) or "256,256" (exactly H,W)."""
+    try:
+        return parse_resize(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--resize needs ", "needs "))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -66,8 +74,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preprocessing (defaults from the --model preset)")
-    g.add_argument("--resize", type=positive_int, help="resize the shorter side to this (preset: 256)")
+    g = p.add_argument_group("preprocessing (defaults from --preset, else the --model preset)")
+    g.add_argument("--preset", choices=sorted(NAMED_PRESETS), default=None,
+                   help="start from a known script's preprocessing instead of the model's; every flag below still "
+                        "overrides it. modelzoo-acc-eval: Ascend ModelZoo's ResNeXt50 acc_eval.py (Resize([256, 256]) "
+                        "bicubic, CenterCrop(224), mean 0.485,0.456,0.06), whose 71.35 %% top-1 this reproduces; the "
+                        "report lists what differs from the model's correct preprocessing (docs/modelzoo-reference.md)")
+    g.add_argument("--resize", type=resize_arg, metavar="N|H,W",
+                   help="N: resize the shorter side to N, keeping the aspect ratio (torchvision's Resize(N)); H,W: "
+                        "resize to exactly H x W (Resize((H, W)), the aspect ratio not kept) (preset: 256)")
     g.add_argument("--crop", type=positive_int, help="centre crop size (preset: 224)")
     g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (preset: bilinear)")
     g.add_argument("--mean", metavar="A,B,C", help="normalisation mean (preset: 0.485,0.456,0.406)")
@@ -144,12 +159,12 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
     )
     fields.update(extra)
-    return resolve_config(a.model, overrides, **fields)
+    return resolve_config(a.model, overrides, preset=getattr(a, "preset", None), **fields)
 
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run-eval",
+        prog="run-eval", allow_abbrev=False,
         description="Exact ImageNet accuracy (top-1/top-5) with end-to-end and compute-only throughput "
                     "from the same run.")
     add_data_args(p)

@@ -8,9 +8,10 @@ frozen: nothing deep in the code mutates the configuration.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,11 +27,58 @@ class ConfigError(ValueError):
     """A bad option value; the message says what to change."""
 
 
+# `--resize`: an int resizes the shorter side to it (torchvision's `Resize(256)`); an (h, w) pair
+# resizes the image to exactly that size (`Resize((256, 256))`, the aspect ratio not kept).
+Resize = Union[int, Tuple[int, int]]
+
+_RESIZE_HELP = "one number (the shorter side, like 256) or two, H,W (exactly that size, like 256,256)"
+
+
+def parse_resize(text: str) -> Resize:
+    """`--resize` from the command line: "256" (the shorter side) or "256,256" (height, width)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--resize needs {_RESIZE_HELP} (got {text!r})") from None
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise ConfigError(f"--resize needs {_RESIZE_HELP}, each at least 1 (got {text!r})")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def format_resize(resize: Resize) -> str:
+    """The command-line form of a resize, which :func:`parse_resize` reads back: "256" or "256,256"."""
+    return str(resize) if isinstance(resize, int) else f"{resize[0]},{resize[1]}"
+
+
+def describe_resize(resize: Resize) -> str:
+    """In words: "shorter side to 256" or "to 256x256 (h x w; the aspect ratio not kept)"."""
+    if isinstance(resize, int):
+        return f"shorter side to {resize}"
+    return f"to exactly {resize[0]}x{resize[1]} (h x w; the aspect ratio not kept)"
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_resize(resize) -> Resize:
+    """A resize given in code: an int >= 1 or an (h, w) pair of them (a list is taken as a pair)."""
+    if _whole(resize):
+        if resize < 1:
+            raise ConfigError(f"--resize must be positive (got {resize})")
+        return int(resize)
+    if isinstance(resize, (tuple, list)) and len(resize) == 2 and all(_whole(v) and v >= 1 for v in resize):
+        return (int(resize[0]), int(resize[1]))
+    raise ConfigError(f"--resize needs {_RESIZE_HELP} (got {resize!r})")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How an image becomes model input: resize the shorter side, centre-crop, normalise."""
+    """How an image becomes model input: resize (the shorter side, or to an exact (h, w)),
+    centre-crop, normalise."""
 
-    resize: int = 256
+    resize: Resize = 256
     crop: int = 224
     interpolation: str = "bilinear"
     mean: Tuple[float, float, float] = IMAGENET_MEAN
@@ -38,8 +86,9 @@ class PreprocessSpec:
     decode: str = "exact"
 
     def __post_init__(self):
-        if self.resize < 1 or self.crop < 1:
-            raise ConfigError(f"--resize and --crop must be positive (got {self.resize}, {self.crop})")
+        object.__setattr__(self, "resize", _check_resize(self.resize))  # a list (from JSON) becomes a pair
+        if self.crop < 1:
+            raise ConfigError(f"--crop must be positive (got {self.crop})")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(
                 f"--interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
@@ -88,6 +137,129 @@ def preset_for(model: str) -> PreprocessSpec:
 
 
 @dataclass(frozen=True)
+class NamedPreset:
+    """Preprocessing of a known evaluation script, selected by `--preset NAME`.
+
+    Replaces the model's preset as the starting point; flags still override each field. `source`
+    names the script, `figures` are what it reported (model name -> (top-1, top-5)), `notes` what
+    it does apart from the preprocessing (which the engine does not copy: it counts in integers).
+    """
+
+    name: str
+    spec: PreprocessSpec
+    source: str
+    figures: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    notes: Tuple[str, ...] = ()
+
+
+# torchvision's published figures for its V1 weights with the model's preset preprocessing
+# (the weights enums' `_metrics`); shown beside a named preset's figure.
+PUBLISHED_FIGURES = {
+    "resnext50_32x4d": (77.618, 93.698),
+    "resnet50": (76.130, 92.862),
+    "resnet18": (69.758, 89.078),
+}
+
+NAMED_PRESETS = {
+    "modelzoo-acc-eval": NamedPreset(
+        name="modelzoo-acc-eval",
+        # Resize([256, 256], interpolation=BICUBIC), CenterCrop([224, 224]), ToTensor(),
+        # Normalize(mean=[0.485, 0.456, 0.06], std=[0.229, 0.224, 0.225]): 0.06 where ImageNet's is 0.406
+        spec=PreprocessSpec(resize=(256, 256), crop=224, interpolation="bicubic", mean=(0.485, 0.456, 0.06),
+                            std=IMAGENET_STD),
+        source="Ascend ModelZoo-PyTorch AscendIE/TorchAIE/built-in/cv/classification/ResNeXt50/acc_eval.py",
+        figures={"resnext50_32x4d": (71.35, 90.502)},
+        notes=(
+            "it averages per-step percentages at batch 1: each step is 0 or 100 %, so that is the engine's "
+            "integer count (at a larger batch its drop_last=True drops the tail)",
+            "it prints every 100 steps: its last line covers every image when their number is a multiple of "
+            "100 (ImageNet's 50,000)",
+            "it compiles the model at FP16 (--precision fp16 here)",
+        ),
+    ),
+}
+
+
+def named_preset(name: str) -> NamedPreset:
+    """The `--preset NAME`; ConfigError naming the known ones otherwise."""
+    try:
+        return NAMED_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"--preset {name!r} is not one of {', '.join(sorted(NAMED_PRESETS))}") from None
+
+
+def _show(field_name: str, value) -> str:
+    if field_name == "resize":
+        return describe_resize(value)
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    return str(value)
+
+
+def preprocess_differences(spec: PreprocessSpec, model: str) -> List[Dict[str, str]]:
+    """How `spec` differs from the preprocessing `model`'s weights were evaluated with (its
+    preset; torchvision's ImageNet default for a model without one): one entry per field, with
+    both values in words. The decode mode is left out (fast mode is reported on its own)."""
+    correct = preset_for(model)
+    out = []
+    for f in dataclasses.fields(PreprocessSpec):
+        if f.name == "decode":
+            continue
+        used, right = getattr(spec, f.name), getattr(correct, f.name)
+        if used != right:
+            out.append({"field": f.name, "used": _show(f.name, used), "correct": _show(f.name, right)})
+    return out
+
+
+def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None) -> Dict:
+    """What a report says about the preprocessing: how it differs from the model's (its preset),
+    and with `--preset NAME` where that preset comes from, the figure its script reported for this
+    model and torchvision's published figure with the correct preprocessing, side by side."""
+    out: Dict = {
+        "model_has_preset": model in MODEL_PRESETS,
+        "differences": preprocess_differences(spec, model),
+    }
+    if preset is not None:
+        named = named_preset(preset)
+        out.update(preset=preset, source=named.source, notes=list(named.notes),
+                   script_figure=named.figures.get(model), published_figure=PUBLISHED_FIGURES.get(model),
+                   preset_overridden=[f.name for f in dataclasses.fields(PreprocessSpec)
+                                      if f.name != "decode" and getattr(spec, f.name) != getattr(named.spec, f.name)])
+    return out
+
+
+def format_preprocessing_check(check: Dict, model: str) -> List[str]:
+    """The report's lines for :func:`preprocessing_check` (none without a preset or a difference)."""
+    if "preset" not in check:
+        return []
+    lines = [f"  preset        {check['preset']}: the preprocessing of {check['source']}"]
+    if check["preset_overridden"]:
+        lines.append(f"                overridden by flags: {', '.join(check['preset_overridden'])}")
+    if check["differences"]:
+        whose = f"{model}'s weights were evaluated with" if check["model_has_preset"] else \
+            "torchvision's ImageNet default"
+        lines.append(f"  differs from  what {whose}:")
+        for d in check["differences"]:
+            lines.append(f"    {d['field']:<14}{d['used']}  (correct: {d['correct']})")
+    else:
+        lines.append(f"                the same as {model}'s own preprocessing")
+    script, published = check.get("script_figure"), check.get("published_figure")
+    if script or published:
+        parts = []
+        if script:
+            parts.append(f"that script's figure {script[0]:.3f} / {script[1]:.3f}")
+        if published:
+            parts.append(f"torchvision's published figure for its V1 weights with the correct preprocessing "
+                         f"{published[0]:.3f} / {published[1]:.3f}")
+        lines.append(f"  {model}: " + "; ".join(parts) + " (top-1 / top-5 %)")
+    lines.append("  correct run   the same command without --preset (the model's preprocessing); "
+                 "docs/modelzoo-reference.md explains the gap")
+    for note in check["notes"]:
+        lines.append(f"  note          {note}")
+    return lines
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run of the engine needs. Built by `resolve_config`."""
 
@@ -110,6 +282,7 @@ class RunConfig:
     ring_slots: int = 0  # 0: derived from workers and in-flight batches
     inflight: int = 3
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    preset: Optional[str] = None  # --preset NAME: the named preset the preprocessing started from
     num_classes: int = 1000
     sim_batch_ms: float = 10.0
     sim_h2d_gbps: float = 0.0  # 0: copies are free
@@ -183,10 +356,12 @@ def parse_triple(text: str, flag: str) -> Tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optional[dict] = None, **fields) -> RunConfig:
-    """The model's preset, with every non-None preprocessing override applied, and the run fields."""
-    spec = preset_for(model)
+def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optional[dict] = None,
+                   preset: Optional[str] = None, **fields) -> RunConfig:
+    """The named `preset` (else the model's), with every non-None preprocessing override applied,
+    and the run fields."""
+    spec = named_preset(preset).spec if preset is not None else preset_for(model)
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
-    return RunConfig(model=model, preprocess=spec, **fields)
+    return RunConfig(model=model, preprocess=spec, preset=preset, **fields)

@@ -19,7 +19,7 @@ import numpy as np
 from engine import __version__
 from engine.backends import create_backend
 from engine.backends.base import Backend
-from engine.config import RunConfig
+from engine.config import RunConfig, format_preprocessing_check, preprocessing_check
 from engine.pipeline.dataset import Dataset, build_dataset
 from engine.pipeline.autotune import autotune
 from engine.report.metrics import Metrics
@@ -159,6 +159,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "backend": backend_info,
         "loop": loop,
         "config": cfg.to_dict(),
+        # how the preprocessing differs from the model's, and a --preset's origin (engine/config.py)
+        "preprocessing_check": preprocessing_check(cfg.model, cfg.preprocess, cfg.preset),
         "version": __version__,
         "environment": environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -248,6 +250,8 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None, tuning=state.get("autotune"))
     print(format_eval(report), file=out)
+    for line in format_preprocessing_check(report["preprocessing_check"], cfg.model):
+        print(line, file=out)
     if cfg.json_path:
         write_json(cfg.json_path, report)
     if cfg.trace_path:

@@ -217,6 +217,14 @@ def pixel_limit(max_image_pixels: int) -> int:
     return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 2 * 89478485
 
 
+def resize_spec(text: str):
+    """``--resize`` as engine/pool.py writes it: "256" (the shorter side) or "256,256" (h, w)."""
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) not in (1, 2):
+        raise ValueError(f"--resize takes N or H,W, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="preprocess.worker")
     p.add_argument("--fd", type=int, required=True)
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--crop", type=int, nargs=2, required=True)
-    p.add_argument("--resize", type=int, required=True)
+    p.add_argument("--resize", type=resize_spec, required=True, help="N (the shorter side) or H,W")
     p.add_argument("--interpolation", required=True)
     p.add_argument("--decode", required=True)
     p.add_argument("--parent", type=int, required=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Deque, Dict, List, Optional, Tuple
 
-from engine.config import PreprocessSpec
+from engine.config import PreprocessSpec, format_resize
 from engine.pipeline.dataset import Dataset
 from engine.pipeline.ring import BUSY, EMPTY, FAILED, OK, Ring
 
@@ -175,7 +175,7 @@ class WorkerPool:
             "--fd", str(child_sock.fileno()), "--ring", self.ring.name,
             "--slots", str(self.ring.slots), "--batch", str(self.ring.batch),
             "--crop", str(self.ring.shape[0]), str(self.ring.shape[1]),
-            "--resize", str(spec.resize), "--interpolation", spec.interpolation,
+            "--resize", format_resize(spec.resize), "--interpolation", spec.interpolation,
             "--decode", spec.decode, "--parent", str(os.getpid()),
         ]
         if self.max_image_pixels:

@@ -114,7 +114,7 @@ def score_parser() -> argparse.ArgumentParser:
     from engine.cli import add_model_args, add_pipeline_args, add_preprocess_args, positive_int
 
     p = argparse.ArgumentParser(
-        prog="run-score",
+        prog="run-score", allow_abbrev=False,
         description="Top-k predictions for every image of a folder or list into parquet/jsonl/csv parts: "
                     "exactly once, resumable, sharded, optionally on a Ray cluster.")
     g = p.add_argument_group("data and output")
