@@ -22,6 +22,7 @@ import sys
 # What the scripts import (Pillow arrives with torchvision); checked with find_spec, which imports
 # nothing. make-dataset needs only the first two.
 REQUIRES = ("numpy", "PIL", "torch", "torchvision")
+PACKAGE_NAMES = {"PIL": "Pillow"}  # what the hint names where the module's name is not pip's
 VENV = ".venv"  # the Makefile's default VENV, what scripts/setup-env.sh creates
 # Set across the re-exec, so a second one is never attempted (a .venv that lacks the dependencies
 # gets the hint, not a loop); removed again on arrival, so that child processes do not inherit it.
@@ -56,7 +57,7 @@ def ensure(script, requires=REQUIRES):
             why = f" and {python} does not start ({exc})"
     name = os.path.basename(script)
     sys.stderr.write(
-        f"{name}: this Python ({sys.executable}) lacks {', '.join(lacking)}{why}: run `make setup` in "
+        f"{name}: this Python ({sys.executable}) lacks {', '.join(PACKAGE_NAMES.get(m, m) for m in lacking)}{why}: run `make setup` in "
         f"{root} (the bin/ scripts then use its {VENV} by themselves, nothing to activate), "
         f"or `pip install {root}` into this Python\n")
     sys.exit(2)

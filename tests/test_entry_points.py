@@ -175,7 +175,7 @@ def test_no_venv_and_no_dependencies_give_one_line_and_status_2(bare_python, tmp
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and not r.stdout, r.stderr
     assert lines[0].startswith(f"{name}: this Python (")
-    assert "lacks numpy, PIL" in lines[0]
+    assert "lacks numpy, Pillow" in lines[0]
     assert f"run `make setup` in {root}" in lines[0] and f"pip install {root}" in lines[0]
 
 
@@ -186,7 +186,7 @@ def test_a_venv_without_the_dependencies_is_tried_once(bare_python, tmp_path):
     r = run([os.path.join(root, "bin", "run-score"), "--help"], clean_env(bare_python), timeout=60)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "lacks numpy, PIL, torch, torchvision" in lines[0], r.stderr
+    assert len(lines) == 1 and "lacks numpy, Pillow, torch, torchvision" in lines[0], r.stderr
 
 
 def test_a_venv_that_does_not_start_is_named(bare_python, tmp_path):
