@@ -9,6 +9,7 @@ libjpeg-turbo headers, and skip without them. About 30 s.
 
 from __future__ import annotations
 
+import configparser
 import glob
 import importlib.util
 import os
@@ -110,12 +111,25 @@ def test_wheel_carries_the_region_decoder_and_it_loads(tree, tmp_path):
                        env=env, cwd=str(tmp_path), timeout=60)
     assert r.returncode == 0 and LIBRARY in r.stdout, r.stdout + r.stderr
 
-    # the installed scripts carry the header, but no bin/_venv.py lies beside them: they never re-exec
-    assert os.path.isfile(os.path.join(site, "bin", "run-eval"))
-    assert not os.path.exists(os.path.join(site, "bin", "_venv.py"))
-    r = subprocess.run([sys.executable, os.path.join(site, "bin", "run-eval"), "--help"], capture_output=True,
-                       text=True, env=env, cwd=str(tmp_path), timeout=120)
-    assert r.returncode == 0 and "usage: run-eval" in r.stdout, r.stderr
+
+def test_installed_scripts_run_where_pip_put_them(tree, tmp_path):
+    """`pip install .` puts the bin/ scripts on the environment's PATH, with the header of
+    bin/_venv.py but without that file beside them: they run under the environment's Python and
+    never look for a clone's .venv. (No compiler needed: CC=/bin/false, a pure wheel.)"""
+    wheel, _ = pip_wheel(tree, tmp_path / "dist", env={"CC": "/bin/false"})
+    site = str(tmp_path / "site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", site, wheel],
+                   check=True, capture_output=True, timeout=120)
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    listed = sorted(os.path.basename(p) for p in cfg["options"]["scripts"].split())
+    installed = sorted(os.listdir(os.path.join(site, "bin")))
+    assert installed == listed and "run-eval" in installed, (installed, listed)  # no _venv.py
+    env = dict(os.environ, PYTHONPATH=site)
+    for name in installed:
+        r = subprocess.run([sys.executable, os.path.join(site, "bin", name), "--help"], capture_output=True,
+                           text=True, env=env, cwd=str(tmp_path), timeout=120)
+        assert r.returncode == 0 and f"usage: {name}" in r.stdout, r.stderr
 
 
 def _missing_header_cc(tmp_path):
