@@ -56,8 +56,9 @@ def ensure(script, requires=REQUIRES):
             os.environ.pop(GUARD, None)
             why = f" and {python} does not start ({exc})"
     name = os.path.basename(script)
+    packages = ", ".join(PACKAGE_NAMES.get(m, m) for m in lacking)
     sys.stderr.write(
-        f"{name}: this Python ({sys.executable}) lacks {', '.join(PACKAGE_NAMES.get(m, m) for m in lacking)}{why}: run `make setup` in "
-        f"{root} (the bin/ scripts then use its {VENV} by themselves, nothing to activate), "
+        f"{name}: this Python ({sys.executable}) lacks {packages}{why}: run `make setup` in {root} "
+        f"(the bin/ scripts then use its {VENV} by themselves, nothing to activate), "
         f"or `pip install {root}` into this Python\n")
     sys.exit(2)

@@ -100,7 +100,8 @@ def test_wheel_carries_the_region_decoder_and_it_loads(tree, tmp_path):
     with open(jpeg, "wb") as f:
         f.write(buf.getvalue())
     code = ("import sys, preprocess.jpegregion as j; assert j.__file__.startswith(sys.argv[1]), j.__file__; "
-            "d = j.load(); assert d is not None, j.status(); print(d.path.name, d.header(open(sys.argv[2], 'rb').read()))")
+            "d = j.load(); assert d is not None, j.status(); "
+            "print(d.path.name, d.header(open(sys.argv[2], 'rb').read()))")
     env = dict(os.environ, PYTHONPATH=site)
     env.pop("IMAGENET_ENGINE_REGION_DECODE", None)
     r = subprocess.run([sys.executable, "-c", code, site, jpeg], capture_output=True, text=True, env=env,
