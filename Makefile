@@ -10,7 +10,7 @@ SHELL       := /bin/bash
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.setup-stamp
-SETUP_DEPS  := scripts/setup-env.sh setup.cfg pyproject.toml requirements-test.txt preprocess/_jpegregion.c
+SETUP_DEPS  := scripts/setup-env.sh setup.cfg pyproject.toml setup.py requirements-test.txt preprocess/_jpegregion.c
 # `make test` installs the Ray extra so the Ray tests run in CI.
 SETUP_FLAGS ?= --ray
 

@@ -244,7 +244,7 @@ fi
 # 5. This package, editable, without dependencies (they are installed above; letting pip
 #    resolve them would reinstall stock Pillow over pillow-simd via torchvision)
 # --------------------------------------------------------------------------------------
-meta_hash=$(cat setup.cfg pyproject.toml 2>/dev/null | sha256sum | cut -d' ' -f1)
+meta_hash=$(cat setup.cfg pyproject.toml setup.py 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [[ -f "$EDITABLE_STAMP" && "$(cat "$EDITABLE_STAMP")" == "$meta_hash" ]] \
     && "$PY" -c 'from importlib import metadata; metadata.version("imagenet-engine")' >/dev/null 2>&1; then
     say "imagenet-engine already installed (editable)"

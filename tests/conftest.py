@@ -85,3 +85,8 @@ def run_cli(args, timeout=240, env=None, **kw):
     e.update(env or {})
     return subprocess.run([sys.executable] + list(args), capture_output=True, text=True, timeout=timeout,
                           env=e, cwd=ROOT, **kw)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "packaging: runs pip wheel on a copy of the source tree (needs pip, "
+                            "setuptools, wheel; compiling cases need cc and jpeglib.h); tests/test_packaging.py")
