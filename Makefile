@@ -68,3 +68,12 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) preprocess/_jpegregion-*.so
+
+# ---- aarch64 (issue 14) ------------------------------------------------------------------------
+# The region decoder's resize on aarch64, by emulation: cross-compiled with its test driver
+# (tests/native/region_check.c), run under qemu-aarch64, NEON and scalar pixels compared bit for
+# bit with the x86_64 build's. Installs gcc-aarch64-linux-gnu, libjpeg62-turbo-dev:arm64 and
+# qemu-user via apt-get when root. Uses the main venv's Python to write the test JPEGs.
+.PHONY: check-aarch64
+check-aarch64: setup
+	PYTHON=$(PY) bash scripts/check-aarch64.sh
