@@ -11,7 +11,10 @@
  * Loaded with ctypes (no Python API here, so one build serves every interpreter). Built by
  * scripts/setup-env.sh or `python -m preprocess.native --build`:
  *
- *     cc -O2 -shared -fPIC -o _jpegregion-<platform>.so _jpegregion.c -ljpeg
+ *     cc -O3 -ffp-contract=off -shared -fPIC -o _jpegregion-<platform>.so _jpegregion.c -ljpeg -lm
+ *
+ * (-ffp-contract=off: GCC on aarch64 would fuse the filter weights' double arithmetic into FMAs,
+ * which round differently; without them every platform computes x86-64's weights.)
  *
  * Strict, as simplejpeg's strict mode and TurboJPEG's TJFLAG_STOPONWARNING: a libjpeg warning
  * (corrupt data libjpeg would paper over, a premature end of file) is an error, and the caller
@@ -373,7 +376,8 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
  * arithmetic, 8 bits per channel: per output pixel, filter weights in double precision from the box
  * given as single-precision floats, normalised, rounded to int16 with as many fractional bits as
  * fit (at most 22); a horizontal pass over the rows the vertical pass reads, rounded to 8 bits,
- * then the vertical pass. Stock Pillow keeps 22 bits in int32 (at most 1 apart). Doing it here
+ * then the vertical pass. Stock Pillow keeps 22 bits in int32: at most 2 apart, rarely 2 (each pass
+ * rounds; tests/test_jpegregion.py's STOCK_MAX_DIFF says why). Doing it here
  * spares fast mode Pillow's image objects and the RGBX -> RGB repacking per image.
  */
 
