@@ -37,8 +37,10 @@ except Exception:  # noqa: BLE001 -- PackageNotFoundError, or no importlib.metad
 # with as many as fit (14 and more), and each of the two passes rounds to 8 bits. The horizontal
 # pass can so leave a pixel 1 apart; the vertical pass weighs those differences by its weights,
 # whose absolute values sum to 1 (box, bilinear) or more (the negative lobes of bicubic and
-# lanczos), and rounds again: 1 + 1 at worst. Seen on stock Pillow 11.3 (issue 14): 2 with
-# bicubic, lanczos and box in test_one_call_geometry_is_pythons' random geometries.
+# lanczos), and rounds again: 1 + 1 at worst. Seen with stock Pillow 11.3 (the newest for Python
+# 3.9; issue 14): 2 on a few values with bicubic and lanczos upscaling; with box, one geometry
+# (602x626 -> 103x363) has 8 % of its values 1 apart, all one way (the C value 1 lower), while on
+# the same bytes Pillow-SIMD 12.1 and the C resize agree bit for bit.
 STOCK_MAX_DIFF = 2
 STOCK_MAX_2S = 0.002  # the fraction of channel values 2 apart stays below this
 
@@ -159,7 +161,7 @@ def test_one_call_geometry_is_pythons(interpolation, monkeypatch):
         msg = f"{w}x{h} resize {resize} crop {crop}"
         if PILLOW_SIMD:
             np.testing.assert_array_equal(a, b, err_msg=msg)
-        _assert_stock_close(a, b, 0.05, msg)
+        _assert_stock_close(a, b, 0.10 if interpolation == "box" else 0.05, msg)  # box: see STOCK_MAX_DIFF
     assert len(calls) >= 40
 
 
