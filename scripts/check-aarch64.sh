@@ -10,8 +10,9 @@
 # Needs Debian's gcc-aarch64-linux-gnu, libjpeg62-turbo-dev:arm64 (multiarch) and qemu-user;
 # installs them with apt-get when run as root (SKIP_APT=1: never), else says what to install.
 # Both builds use -ffp-contract=off: GCC on aarch64 would otherwise fuse the filter-weight
-# arithmetic (double precision) into FMAs, which rounds differently from x86_64's separate
-# multiply and add and could move a weight by one unit of its int16 fixed point.
+# arithmetic (double precision) into FMAs, which round differently from x86_64's separate
+# multiply and add and could move a weight by one unit of its int16 fixed point (preprocess/
+# jpegregion.py builds the decoder with the same flag).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
