@@ -68,3 +68,35 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) preprocess/_jpegregion-*.so
+
+# ---- aarch64 (issue 14) ------------------------------------------------------------------------
+# The region decoder's resize on aarch64, by emulation: cross-compiled with its test driver
+# (tests/native/region_check.c), run under qemu-aarch64, NEON and scalar pixels compared bit for
+# bit with the x86_64 build's. Installs gcc-aarch64-linux-gnu, libjpeg62-turbo-dev:arm64 and
+# qemu-user via apt-get when root. Uses the main venv's Python to write the test JPEGs.
+.PHONY: check-aarch64
+check-aarch64: setup
+	PYTHON=$(PY) bash scripts/check-aarch64.sh
+
+# ---- the reference's stack (issue 14, docs/compat.md) ------------------------------------------
+# .venv-compat: Python 3.9 (pyenv; else the oldest Python 3 found, with a notice), torch 2.0.1,
+# torchvision 0.15.2, numpy<2 (requirements-compat.txt), stock Pillow, no Ray. Stamped like setup.
+#   make setup-compat   create/refresh .venv-compat (scripts/setup-compat.sh)
+#   make test-compat    setup-compat, then the whole suite on that stack
+COMPAT_VENV  ?= .venv-compat
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.setup-stamp
+COMPAT_DEPS  := scripts/setup-compat.sh scripts/setup-env.sh setup.cfg pyproject.toml requirements-compat.txt \
+                preprocess/_jpegregion.c
+
+.PHONY: setup-compat test-compat
+setup-compat: $(COMPAT_STAMP)
+
+$(COMPAT_STAMP): $(COMPAT_DEPS)
+	VENV=$(COMPAT_VENV) bash scripts/setup-compat.sh
+	@touch $@
+
+test-compat: setup-compat
+	@rc=0; $(COMPAT_PY) -m pytest $(PYTEST_FLAGS) $(TESTS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-compat: pytest collected no tests"; rc=0; fi; \
+	exit $$rc

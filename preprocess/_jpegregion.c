@@ -11,7 +11,10 @@
  * Loaded with ctypes (no Python API here, so one build serves every interpreter). Built by
  * scripts/setup-env.sh or `python -m preprocess.native --build`:
  *
- *     cc -O2 -shared -fPIC -o _jpegregion-<platform>.so _jpegregion.c -ljpeg
+ *     cc -O3 -ffp-contract=off -shared -fPIC -o _jpegregion-<platform>.so _jpegregion.c -ljpeg -lm
+ *
+ * (-ffp-contract=off: GCC on aarch64 would fuse the filter weights' double arithmetic into FMAs,
+ * which round differently; without them every platform computes x86-64's weights.)
  *
  * Strict, as simplejpeg's strict mode and TurboJPEG's TJFLAG_STOPONWARNING: a libjpeg warning
  * (corrupt data libjpeg would paper over, a premature end of file) is an error, and the caller
@@ -50,7 +53,7 @@
 #define IE_FASTUPSAMPLE 2 /* no fancy (triangle-filter) chroma upsampling */
 #define IE_MIN_CROP 32 /* narrowest window decoded (pixels) */
 
-#define IE_SCALAR 8       /* resize with the scalar code even where SSE4.1/AVX2 are there (tests) */
+#define IE_SCALAR 8       /* resize with the scalar code even where SSE4.1/AVX2/NEON are there (tests) */
 #define IE_DECODE_ONLY 16 /* ie_fast_crop: decode the window, resize nothing (bench_decode's ceiling) */
 
 struct ie_error {
@@ -373,7 +376,8 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
  * arithmetic, 8 bits per channel: per output pixel, filter weights in double precision from the box
  * given as single-precision floats, normalised, rounded to int16 with as many fractional bits as
  * fit (at most 22); a horizontal pass over the rows the vertical pass reads, rounded to 8 bits,
- * then the vertical pass. Stock Pillow keeps 22 bits in int32 (at most 1 apart). Doing it here
+ * then the vertical pass. Stock Pillow keeps 22 bits in int32: at most 2 apart, rarely 2 (each pass
+ * rounds; tests/test_jpegregion.py's STOCK_MAX_DIFF says why). Doing it here
  * spares fast mode Pillow's image objects and the RGBX -> RGB repacking per image.
  */
 
@@ -386,6 +390,14 @@ static int ie_decode_at(const unsigned char *data, unsigned long size, int denom
 #include <immintrin.h>
 #else
 #define IE_SSE41 0
+#endif
+/* On aarch64 NEON (Advanced SIMD) is part of the base ISA: picked at compile time there, and
+ * IE_SCALAR still turns it off at run time (tests compare the two). */
+#if defined(__aarch64__) && defined(__ARM_NEON) && defined(__GNUC__) && !defined(IE_NO_SIMD)
+#define IE_NEON 1
+#include <arm_neon.h>
+#else
+#define IE_NEON 0
 #endif
 
 /* Pillow's filter numbers (Image.Resampling) */
@@ -826,6 +838,89 @@ __attribute__((target("avx2"))) static int ie_vertical_avx2(
 }
 #endif
 
+#if IE_NEON
+/*
+ * The NEON passes: the same int32 sums of uint8 pixels times int16 weights as the scalar ones (and
+ * so as the SSE4.1/AVX2 passes and Pillow-SIMD), bit for bit: vmlal_n_s16 is an exact widening
+ * multiply-add, and the narrowing (vqmovn_s32, then vqmovun_s16) saturates to 0..255 as
+ * ie_clip8 clips. Unlike the x86 horizontal passes they read no pixel past a tap (an odd last tap
+ * is loaded alone), so they need no reach check.
+ */
+static void ie_horizontal_neon(const unsigned char *src, int src_w, int first, int rows, unsigned char *tmp,
+                               int out_w, int kpad, const int16_t *kk, const int *bounds, int prec)
+{
+  const int32x4_t half = vdupq_n_s32(1 << (prec - 1)), shift = vdupq_n_s32(-prec);
+  int yy, xx, x;
+
+  for (yy = 0; yy < rows; yy++) {
+    const unsigned char *row = src + (size_t)(first + yy) * (size_t)src_w * 4;
+    unsigned char *o = tmp + (size_t)yy * (size_t)out_w * 4;
+
+    for (xx = 0; xx < out_w; xx++) {
+      const unsigned char *p = row + (size_t)bounds[xx * 2] * 4;
+      const int16_t *k = kk + xx * kpad;
+      int n = bounds[xx * 2 + 1];
+      int32x4_t acc = half; /* r g b x of one output pixel */
+      int16x4_t s16;
+      uint32_t px;
+
+      for (x = 0; x + 1 < n; x += 2) { /* two input pixels (8 bytes) per step */
+        int16x8_t two = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(p + (size_t)x * 4)));
+
+        acc = vmlal_n_s16(acc, vget_low_s16(two), k[x]);
+        acc = vmlal_n_s16(acc, vget_high_s16(two), k[x + 1]);
+      }
+      if (x < n) {
+        memcpy(&px, p + (size_t)x * 4, 4);
+        acc = vmlal_n_s16(acc, vget_low_s16(vreinterpretq_s16_u16(vmovl_u8(vcreate_u8((uint64_t)px)))), k[x]);
+      }
+      s16 = vqmovn_s32(vshlq_s32(acc, shift)); /* arithmetic >> prec, saturated to int16 */
+      px = vget_lane_u32(vreinterpret_u32_u8(vqmovun_s16(vcombine_s16(s16, s16))), 0);
+      memcpy(o + (size_t)xx * 4, &px, 4);
+    }
+  }
+}
+
+/* The vertical pass, 8 pixels at a time: vld4 splits 32 bytes of RGBX into R, G, B (X is dropped)
+ * and vst3 writes exactly 24 bytes of RGB; returns the first pixel it left to the scalar code. */
+static int ie_vertical_neon(const unsigned char *tmp, int w, int out_h, int kpad, const int16_t *kk,
+                            const int *bounds, int prec, unsigned char *dst, long dst_stride)
+{
+  const int32x4_t half = vdupq_n_s32(1 << (prec - 1)), shift = vdupq_n_s32(-prec);
+  size_t n4 = (size_t)w * 4;
+  int yy, y, i, c, stop = (w / 8) * 8;
+
+  for (yy = 0; yy < out_h; yy++) {
+    const int16_t *k = kk + yy * kpad;
+    const unsigned char *base = tmp + (size_t)bounds[yy * 2] * n4;
+    int n = bounds[yy * 2 + 1];
+    unsigned char *o = dst + (long)yy * dst_stride;
+
+    for (i = 0; i < stop; i += 8) {
+      int32x4_t lo[3] = { half, half, half }, hi[3] = { half, half, half };
+      const unsigned char *col = base + (size_t)i * 4;
+      uint8x8x3_t rgb;
+
+      for (y = 0; y < n; y++) {
+        uint8x8x4_t px = vld4_u8(col + (size_t)y * n4);
+
+        for (c = 0; c < 3; c++) {
+          int16x8_t v = vreinterpretq_s16_u16(vmovl_u8(px.val[c]));
+
+          lo[c] = vmlal_n_s16(lo[c], vget_low_s16(v), k[y]);
+          hi[c] = vmlal_n_s16(hi[c], vget_high_s16(v), k[y]);
+        }
+      }
+      for (c = 0; c < 3; c++)
+        rgb.val[c] = vqmovun_s16(vcombine_s16(vqmovn_s32(vshlq_s32(lo[c], shift)),
+                                              vqmovn_s32(vshlq_s32(hi[c], shift))));
+      vst3_u8(o + (size_t)i * 3, rgb);
+    }
+  }
+  return stop;
+}
+#endif
+
 /*
  * Resize the box (bx0, by0)-(bx1, by1) of the window the decode left in work (its first window_bytes
  * of work_size bytes; got as ie_decode() returns it) to out_w x out_h with the filter f, and write
@@ -837,7 +932,6 @@ static int ie_resize_box(unsigned char *work, size_t window_bytes, size_t work_s
                          int flags, unsigned char *dst, long dst_stride, char *msg, int msglen)
 {
   const struct ie_filter f = *flt;
-  size_t reach;
   float box[4];
   int kh, kv, ph, pv, prec_h, prec_v, rc, first, last, i, win_w, win_h, x_from = 0, vec = 0;
   int16_t *k_h = NULL, *k_v = NULL;
@@ -898,13 +992,19 @@ static int ie_resize_box(unsigned char *work, size_t window_bytes, size_t work_s
 #if IE_SSE41
   /* the vector horizontal passes read up to ph pixels from each output pixel's first input: they
    * must stay inside the window's buffer (the weights of those past the taps are zero) */
-  reach = ((size_t)(last - 1) * (size_t)win_w + (size_t)b_h[(out_w - 1) * 2] + (size_t)ph) * 4;
+  size_t reach = ((size_t)(last - 1) * (size_t)win_w + (size_t)b_h[(out_w - 1) * 2] + (size_t)ph) * 4;
   if (!(flags & IE_SCALAR))
     vec = __builtin_cpu_supports("avx2") ? 2 : (__builtin_cpu_supports("sse4.1") ? 1 : 0);
   if (vec == 2 && reach <= window_bytes)
     ie_horizontal_avx2(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
   else if (vec == 1 && reach <= window_bytes)
     ie_horizontal_sse41(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
+  else
+#elif IE_NEON
+  if (!(flags & IE_SCALAR))
+    vec = 3;
+  if (vec == 3)
+    ie_horizontal_neon(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
   else
 #endif
     ie_horizontal(work, win_w, first, last - first, tmp, out_w, ph, k_h, b_h, prec_h);
@@ -913,6 +1013,9 @@ static int ie_resize_box(unsigned char *work, size_t window_bytes, size_t work_s
     x_from = ie_vertical_avx2(tmp, out_w, out_h, pv, k_v, b_v, prec_v, dst, dst_stride);
   else if (vec == 1)
     x_from = ie_vertical_sse41(tmp, out_w, out_h, pv, k_v, b_v, prec_v, dst, dst_stride);
+#elif IE_NEON
+  if (vec == 3)
+    x_from = ie_vertical_neon(tmp, out_w, out_h, pv, k_v, b_v, prec_v, dst, dst_stride);
 #endif
   ie_vertical(tmp, out_w, out_h, x_from, pv, k_v, b_v, prec_v, dst, dst_stride); /* what is left */
   rc = IE_OK;

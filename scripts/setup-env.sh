@@ -21,6 +21,15 @@
 #   PILLOW_SIMD_WHEELS=DIR       where built pillow-simd wheels are kept
 #                                (default ~/.cache/imagenet-engine/pillow-simd-{avx2,sse4})
 #   SKIP_APT=1                   never call apt-get
+#   REQUIREMENTS=FILE            the pins to install (default requirements-test.txt;
+#                                `make test-compat` gives requirements-compat.txt)
+#   AARCH64_TORCH="torch==2.9.1 torchvision==0.24.1"
+#                                on aarch64, replace requirements-test.txt's torch and
+#                                torchvision pins (x86-64 CUDA builds that do not exist there)
+#
+# On aarch64 (Kunpeng and other ARM hosts) pillow-simd is not attempted (it has SSE4/AVX2
+# code only; its ARM port was never merged): stock Pillow stays, with a notice. The region
+# decoder's resize there is its NEON path (NEON is part of aarch64's base ISA).
 #
 # Order matters because of the Pillow / pillow-simd conflict: both ship the `PIL` package
 # under different distribution names, and torchvision depends on `pillow`, so any pip
@@ -42,6 +51,9 @@ RAY_SPEC=${RAY_SPEC:-ray[data]}
 # Codecs pillow-simd must have to replace stock Pillow (names as PIL.features.check takes).
 PILLOW_FEATURES=${PILLOW_FEATURES:-jpg zlib libtiff webp}
 SKIP_APT=${SKIP_APT:-0}
+REQUIREMENTS=${REQUIREMENTS:-requirements-test.txt}
+AARCH64_TORCH=${AARCH64_TORCH:-torch==2.9.1 torchvision==0.24.1}
+ARCH=$(uname -m)
 
 for arg in "$@"; do
     case "$arg" in
@@ -49,7 +61,7 @@ for arg in "$@"; do
         --no-ray) WITH_RAY=0 ;;
         --no-simd) WITH_SIMD=0 ;;
         --force-simd) FORCE_SIMD=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "setup-env: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -66,6 +78,12 @@ EDITABLE_STAMP="$ROOT/$VENV/.editable-install"  # hash of the packaging metadata
 start_ts=$(date +%s)
 say() { printf 'setup-env: %s\n' "$*"; }
 notice() { printf 'setup-env: NOTICE: %s\n' "$*"; }
+
+[[ -f "$REQUIREMENTS" ]] || { say "REQUIREMENTS=$REQUIREMENTS: no such file (give a pip requirements file)" >&2; exit 2; }
+if [[ "$ARCH" == aarch64 && "$WITH_SIMD" == 1 ]]; then
+    notice "aarch64: pillow-simd is x86-only (SSE4/AVX2; its ARM port was never merged), keeping stock Pillow; the region decoder resizes with NEON"
+    WITH_SIMD=0
+fi
 
 # Run pip quietly, keeping its full output in a log; show the tail when it fails.
 pip_logged() {
@@ -213,13 +231,23 @@ fi
 # --------------------------------------------------------------------------------------
 # 3. Test pins (torch, torchvision, pytest, ...)
 # --------------------------------------------------------------------------------------
-mapfile -t TEST_REQS < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' requirements-test.txt)
+mapfile -t TEST_REQS < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^[[:space:]]*$/d' "$REQUIREMENTS")
+if [[ "$ARCH" == aarch64 && "$REQUIREMENTS" == requirements-test.txt ]]; then
+    # requirements-test.txt pins x86-64 CUDA builds; PyPI's aarch64 CPU builds are these
+    kept=()
+    for r in "${TEST_REQS[@]}"; do
+        case "$r" in torch==*|torchvision==*) ;; *) kept+=("$r") ;; esac
+    done
+    read -r -a arm_pins <<<"$AARCH64_TORCH"
+    TEST_REQS=("${arm_pins[@]}" "${kept[@]}")
+    notice "aarch64: installing ${arm_pins[*]} in place of requirements-test.txt's torch pins"
+fi
 if reqs_satisfied "${TEST_REQS[@]}"; then
     say "test requirements already satisfied"
 else
-    say "installing requirements-test.txt (a fresh venv pulls torch: a few minutes)"
+    say "installing $REQUIREMENTS (a fresh venv pulls torch: a few minutes)"
     t0=$(date +%s)
-    pip_logged requirements install -r requirements-test.txt
+    pip_logged requirements install "${TEST_REQS[@]}"
     say "requirements installed in $(($(date +%s) - t0))s"
 fi
 

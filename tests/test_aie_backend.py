@@ -288,7 +288,9 @@ out["err_device"] = error(lambda: create_backend(cfg(device=3)))
 # 4. the bench follows the simulated device time: dynamic, every batch size on one model
 _stand_in.reset()
 _stand_in.DEVICE_MS_PER_BATCH, _stand_in.DEVICE_MS_PER_IMAGE = 40.0, 10.0
-bench = run_bench(cfg(shape="dynamic", use_cache=False), [1, 4, 8], warmup=1, iterations=3, log=open(os.devnull, "w"))
+# warmup=2: TorchScript's profiling executor optimises the graph for a new input shape on its
+# second call (num_profiled_runs = 1), which takes 0.2-0.5 s more on torch 2.0.1 (here, on 2 cores)
+bench = run_bench(cfg(shape="dynamic", use_cache=False), [1, 4, 8], warmup=2, iterations=3, log=open(os.devnull, "w"))
 out["bench"] = bench["results"]
 out["bench_compiles"] = _stand_in.COMPILE_CALLS
 out["bench_backend"] = bench["config"]["backend_info"]
@@ -296,7 +298,7 @@ out["bench_backend"] = bench["config"]["backend_info"]
 from engine.backends import aie
 synced = aie.timed_calls
 aie.timed_calls = lambda call, sync, iterations, warmup: synced(call, lambda: None, iterations, warmup)
-out["bench_unsynced"] = run_bench(cfg(shape="dynamic"), [8], warmup=1, iterations=3,
+out["bench_unsynced"] = run_bench(cfg(shape="dynamic"), [8], warmup=2, iterations=3,
                                   log=open(os.devnull, "w"))["results"]
 aie.timed_calls = synced
 out["finalized_before_exit"] = _stand_in.FINALIZED

@@ -1,7 +1,7 @@
 """Fast mode's region decoder (preprocess/_jpegregion.c through preprocess/jpegregion.py).
 
 Its windows hold the same library's full-decode pixels; its resize is Pillow-SIMD's bit for bit
-(stock Pillow's within 1), its vector and scalar passes the same; the files it refuses or warns
+(stock Pillow's within STOCK_MAX_DIFF = 2, see there), its vector and scalar passes the same; the files it refuses or warns
 about go to Pillow (so fast mode fails exactly where exact mode fails); the rows below the window of
 a whole file are not decoded, those of a file cut short are; it never hangs on the skip pattern that
 hangs libjpeg-turbo 2.1.5; and the build/check command works.
@@ -25,12 +25,33 @@ from preprocess import decode as dec
 from preprocess import jpegregion
 
 REGION = jpegregion.load()
-try:  # the C resize is Pillow-SIMD's arithmetic: equal to it, within 1 of stock Pillow
+try:  # the C resize is Pillow-SIMD's arithmetic: equal to it, within STOCK_MAX_DIFF of stock Pillow
     from importlib.metadata import version as _version
 
     PILLOW_SIMD = bool(_version("pillow-simd"))
 except Exception:  # noqa: BLE001 -- PackageNotFoundError, or no importlib.metadata
     PILLOW_SIMD = False
+# What the C resize (Pillow-SIMD's arithmetic, bit for bit) guarantees against stock Pillow: at most
+# 2 apart per channel, 2 on very few pixels. Not a defect but the documented arithmetic difference
+# (docs/compat.md): stock Pillow's weights are int32 with 22 fractional bits, Pillow-SIMD's int16
+# with as many as fit (14 and more), and each of the two passes rounds to 8 bits. The horizontal
+# pass can so leave a pixel 1 apart; the vertical pass weighs those differences by its weights,
+# whose absolute values sum to 1 (box, bilinear) or more (the negative lobes of bicubic and
+# lanczos), and rounds again: 1 + 1 at worst. Seen with stock Pillow 11.3 (the newest for Python
+# 3.9; issue 14): 2 on a few values with bicubic and lanczos upscaling; with box, one geometry
+# (602x626 -> 103x363) has 8 % of its values 1 apart, all one way (the C value 1 lower), while on
+# the same bytes Pillow-SIMD 12.1 and the C resize agree bit for bit.
+STOCK_MAX_DIFF = 2
+STOCK_MAX_2S = 0.002  # the fraction of channel values 2 apart stays below this
+
+
+def _assert_stock_close(a, b, frac, msg=""):
+    """``a`` (the C resize) against ``b`` (stock Pillow's): see STOCK_MAX_DIFF."""
+    d = np.abs(a.astype(np.int16) - b)
+    assert d.max() <= STOCK_MAX_DIFF and (d > 0).mean() < frac and (d > 1).mean() < STOCK_MAX_2S, (
+        f"{msg}: max {d.max()}, {(d > 0).mean():.4f} differ, {(d > 1).mean():.5f} by 2+ (allowed: "
+        f"max {STOCK_MAX_DIFF}, {frac}, {STOCK_MAX_2S}); if the C resize changed, it must stay "
+        "Pillow-SIMD's arithmetic (make test, with pillow-simd, checks it bit for bit)")
 needs_region = pytest.mark.skipif(REGION is None, reason=f"region decoder not built: {jpegregion.status()}")
 
 
@@ -99,7 +120,7 @@ def test_odd_skip_with_merged_upsampling_does_not_hang():
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (341, 256), (1200, 900), (2000, 60), (200, 150)])
 def test_resize_in_c_is_pillows(interpolation, size, monkeypatch):
     """The one-call path (window + resize in C) against the window decoded alone and resized by
-    Pillow: the same with Pillow-SIMD (its int16 weights), within 1 of stock Pillow (22-bit)."""
+    Pillow: the same with Pillow-SIMD (its int16 weights), within STOCK_MAX_DIFF of stock Pillow."""
     data = _jpeg(*size, seed=size[0], quality=90)
     done = []
     real = REGION.fast_crop
@@ -112,8 +133,7 @@ def test_resize_in_c_is_pillows(interpolation, size, monkeypatch):
     assert len(done) == 1
     if PILLOW_SIMD:
         np.testing.assert_array_equal(a, b)
-    d = np.abs(a.astype(np.int16) - b)
-    assert d.max() <= 1 and (d > 0).mean() < 0.03, (d.max(), (d > 0).mean())  # lanczos: ~1 %
+    _assert_stock_close(a, b, 0.03, f"{interpolation} {size}")  # lanczos: ~1 % differ
 
 
 @needs_region
@@ -123,7 +143,8 @@ def test_one_call_geometry_is_pythons(interpolation, monkeypatch):
     path (preprocess/geometry.py, _dct_scale, _crop_window), which fast mode takes for an ``out``
     whose pixels are not packed, over random sizes, resize specs (shorter side or an exact pair),
     crops larger and smaller than the image, and every DCT scale. Equal pixels with Pillow-SIMD
-    (whose resize the C code computes); a geometry slip would move the crop by whole pixels."""
+    (whose resize the C code computes), within STOCK_MAX_DIFF of stock Pillow; a geometry slip would
+    move the crop by whole pixels."""
     rng = np.random.default_rng([21, len(interpolation)])
     calls = []
     real = REGION.fast_crop
@@ -140,8 +161,7 @@ def test_one_call_geometry_is_pythons(interpolation, monkeypatch):
         msg = f"{w}x{h} resize {resize} crop {crop}"
         if PILLOW_SIMD:
             np.testing.assert_array_equal(a, b, err_msg=msg)
-        d = np.abs(a.astype(np.int16) - b)
-        assert d.max() <= 1 and (d > 0).mean() < 0.05, msg
+        _assert_stock_close(a, b, 0.10 if interpolation == "box" else 0.05, msg)  # box: see STOCK_MAX_DIFF
     assert len(calls) >= 40
 
 

@@ -28,7 +28,7 @@ from . import _stand_in, _device, _enums, npu
 _LIB = torch.library.Library("aie_stand_in", "DEF")
 _LIB.define("check(Tensor x, str spec) -> str")
 _LIB.define("enter(Tensor x, str spec) -> Tensor")
-_LIB.define("leave(Tensor y, str spec) -> Tensor")
+_LIB.define("leave(Tensor y, Tensor x, str spec) -> Tensor")
 _CALL = threading.local()
 
 
@@ -71,7 +71,6 @@ def _enter(x, spec):
     cfg = json.loads(spec)
     data = _device._data(x)
     _CALL.start = time.monotonic()
-    _CALL.input = x
     if data.is_floating_point():
         if cfg["half"]:
             data = data.half()
@@ -80,12 +79,11 @@ def _enter(x, spec):
     return data.clone()
 
 
-def _leave(y, spec):
+def _leave(y, x, spec):
+    """``y``: the inner module's cpu output for the npu input ``x`` -> the npu output."""
     cfg = json.loads(spec)
     if cfg["half"] and y.is_floating_point():
         y = y.half().to(y.dtype)
-    x = _CALL.input
-    _CALL.input = None
     batch = x.shape[0] if x.dim() else 1
     stream = npu.current_stream()
     ms = _stand_in.DEVICE_MS_PER_BATCH + _stand_in.DEVICE_MS_PER_IMAGE * batch
@@ -101,6 +99,14 @@ def _leave(y, spec):
 _LIB.impl("check", _check, "CompositeExplicitAutograd")
 _LIB.impl("enter", _enter, "CompositeExplicitAutograd")
 _LIB.impl("leave", _leave, "CompositeExplicitAutograd")
+if _device._MODE[0] == "subclass":
+    # torch 2.0's npu tensors (wrapper subclasses on PrivateUse1) stop at AutogradPrivateUse1,
+    # which CompositeExplicitAutograd does not cover there; each op takes the npu input, which
+    # has a Python object, so the kernel runs with it (not "hermetically", see _device)
+    # (and under torch.inference_mode, with no autograd key, at the tensor's __torch_dispatch__)
+    for _name, _fn in (("check", _check), ("enter", _enter), ("leave", _leave)):
+        _LIB.impl(_name, _fn, "AutogradPrivateUse1")
+        _device.PASS_THROUGH["aie_stand_in::" + _name] = _fn
 
 
 class CompiledModule(torch.nn.Module):
@@ -116,7 +122,7 @@ class CompiledModule(torch.nn.Module):
         if msg != "":
             raise RuntimeError(msg)
         y = self.inner(torch.ops.aie_stand_in.enter(x, self.aie_spec))
-        return torch.ops.aie_stand_in.leave(y, self.aie_spec)
+        return torch.ops.aie_stand_in.leave(y, x, self.aie_spec)
 
 
 def build(module, alternatives, settings):
