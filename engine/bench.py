@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import add_model_args, add_preprocess_args, config_from_args, positive_int
+from engine.cli import add_model_args, add_pixel_cache_args, add_preprocess_args, config_from_args, positive_int
 from engine.config import ConfigError, RunConfig
 
 EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3
@@ -159,7 +159,7 @@ def plot(bench: Dict, path: str) -> None:
 
 def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run-bench",
+        prog="run-bench", allow_abbrev=False,
         description="Compute-only latency (mean, p50, p99) and img/s per batch size with the input on the "
                     "device and every call synchronised; --e2e adds the end-to-end figure of a full run-eval.")
     add_model_args(p)
@@ -181,6 +181,7 @@ def bench_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=positive_int, default=0,
                    help="cpu backend: torch threads (default: every core for compute only, the cores the "
                         "workers leave for --e2e)")
+    add_pixel_cache_args(p)  # for --e2e: every batch size after the first reads the cache
     p.set_defaults(batch_size=1, compute_only_iters=0, no_progress=True)
     return p
 

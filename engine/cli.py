@@ -108,6 +108,34 @@ def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64, allow
                         "failed (default: %(default)s)")
 
 
+# `--pixel-cache` with no folder: the default one (engine.pipeline.pixelcache.default_pixel_cache_dir)
+PIXEL_CACHE_DEFAULT = "<default>"
+
+
+def add_pixel_cache_args(p: argparse.ArgumentParser) -> None:
+    """`--pixel-cache [DIR]` and `--cache-verify`, the same on run-eval, run-score, run-bench --e2e and
+    make-cache (docs/pixel-cache.md)."""
+    g = p.add_argument_group("pixel cache (docs/pixel-cache.md)")
+    g.add_argument("--pixel-cache", nargs="?", const=PIXEL_CACHE_DEFAULT, default=None, metavar="DIR",
+                   help="read the exact uint8 crops of earlier runs from this cache instead of decoding, and "
+                        "store what is decoded now (write-through); without DIR: "
+                        "$IMAGENET_ENGINE_CACHE/pixels (or ~/.cache/imagenet-engine/pixels). "
+                        "150,528 bytes per image at 224x224")
+    g.add_argument("--cache-verify", action="store_true",
+                   help="with --pixel-cache: also key each entry by a hash of the image file's content "
+                        "(reads every file; default: its path, size and modification time)")
+
+
+def pixel_cache_dir(a: argparse.Namespace) -> Optional[str]:
+    """The cache folder asked for on the command line, or None."""
+    value = getattr(a, "pixel_cache", None)
+    if value == PIXEL_CACHE_DEFAULT:
+        from engine.pipeline.pixelcache import default_pixel_cache_dir
+
+        return default_pixel_cache_dir()
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>) or a flat folder")
@@ -140,6 +168,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         cuda_graphs=a.cuda_graphs,
         max_image_pixels=getattr(a, "max_image_pixels", None), image_timeout=getattr(a, "image_timeout", 120.0),
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
+        pixel_cache=pixel_cache_dir(a), cache_verify=getattr(a, "cache_verify", False),
     )
     fields.update(extra)
     return resolve_config(a.model, overrides, **fields)
@@ -147,13 +176,14 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run-eval",
+        prog="run-eval", allow_abbrev=False,
         description="Exact ImageNet accuracy (top-1/top-5) with end-to-end and compute-only throughput "
                     "from the same run.")
     add_data_args(p)
     add_model_args(p)
     add_preprocess_args(p)
     add_pipeline_args(p, allow_auto=True)
+    add_pixel_cache_args(p)
     p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "

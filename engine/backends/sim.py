@@ -2,7 +2,10 @@
 
 Each batch costs `--sim-batch-ms` of "device" time and nbytes / `--sim-h2d-gbps` of "copy" time,
 on two timelines like a copy engine and a compute engine. Waiting is `time.sleep` (no CPU, GIL
-released). Logits are a cheap deterministic function of the pixels (`sim_logits`), so results
+released). The copy is also a real one: `submit` copies every byte of the host batch into a
+preallocated "device" buffer before the modelled copy time starts, so a run pays the memory
+traffic a real H2D copy pays (a batch read from the pixel cache is read, not just pointed at).
+Logits are a cheap deterministic function of the copied pixels (`sim_logits`), so results
 can be checked against the same function applied to reference-preprocessed pixels.
 """
 
@@ -37,14 +40,17 @@ def _sleep_until(t: float) -> None:
 
 
 class _SimBatch(InFlight):
-    def __init__(self, copy_end: float, done: float, logits: np.ndarray):
-        self.copy_end, self.done, self.logits = copy_end, done, logits
+    def __init__(self, copy_end: float, done: float, logits: np.ndarray, release):
+        self.copy_end, self.done, self.logits, self._release = copy_end, done, logits, release
 
     def copied(self) -> None:
         _sleep_until(self.copy_end)
 
     def result(self) -> np.ndarray:
         _sleep_until(self.done)
+        if self._release is not None:  # the model is done with its input: the buffer is free
+            self._release()
+            self._release = None
         return self.logits
 
 
@@ -59,9 +65,29 @@ class SimBackend(Backend):
         self._lock = threading.Lock()
         self._copy_free = 0.0
         self._device_free = 0.0
+        self._buffers: List[np.ndarray] = []  # free "device" input buffers, [batch, H, W, 3] uint8
+        self.copied_bytes = 0
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
+        with self._lock:
+            self._buffers = [self._new_buffer(batch_size) for _ in range(self.config.inflight + 1)]
+
+    def _new_buffer(self, rows: int) -> np.ndarray:
+        buf = np.empty((rows,) + tuple(self.spec.shape), np.uint8)
+        buf.fill(0)  # fault the pages in now, not during the first timed copies
+        return buf
+
+    def _take_buffer(self, rows: int) -> np.ndarray:
+        with self._lock:
+            for k, buf in enumerate(self._buffers):
+                if buf.shape[0] >= rows:
+                    return self._buffers.pop(k)
+        return self._new_buffer(rows)  # more in flight than prepared for, or a bigger batch
+
+    def _give_buffer(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._buffers.append(buf)
 
     def _schedule(self, nbytes: int):
         with self._lock:
@@ -74,9 +100,14 @@ class SimBackend(Backend):
         return copy_end, done
 
     def submit(self, pixels: np.ndarray) -> InFlight:
-        logits = sim_logits(pixels, self.config.num_classes)  # reads the pixels before the slot is freed
+        n = pixels.shape[0]
+        buf = self._take_buffer(n)
+        device = buf[:n]
+        np.copyto(device, pixels)  # the real copy: every byte of the host batch is read
+        self.copied_bytes += pixels.nbytes
+        logits = sim_logits(device, self.config.num_classes)  # the "model" reads the device copy
         copy_end, done = self._schedule(pixels.nbytes)
-        return _SimBatch(copy_end, done, logits)
+        return _SimBatch(copy_end, done, logits, lambda: self._give_buffer(buf))
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         out = []

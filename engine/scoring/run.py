@@ -102,7 +102,13 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
         "parts_done_total": len(job.out.done_records(range(job.out.num_parts))),
         "success": success, "stopped": stopped is not None, "version": __version__,
     }
-    print(format_summary(summary), file=out)
+    text = format_summary(summary)
+    if stats.pixel_cache is not None:
+        from engine.evaluate import format_pixel_cache
+
+        summary["pixel_cache"] = stats.pixel_cache
+        text += "\n" + format_pixel_cache(stats.pixel_cache)
+    print(text, file=out)
     if stopped is not None:
         return summary, 128 + stopped
     if summary["parts_left"]:
@@ -111,10 +117,10 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
 
 
 def score_parser() -> argparse.ArgumentParser:
-    from engine.cli import add_model_args, add_pipeline_args, add_preprocess_args, positive_int
+    from engine.cli import add_model_args, add_pipeline_args, add_pixel_cache_args, add_preprocess_args, positive_int
 
     p = argparse.ArgumentParser(
-        prog="run-score",
+        prog="run-score", allow_abbrev=False,
         description="Top-k predictions for every image of a folder or list into parquet/jsonl/csv parts: "
                     "exactly once, resumable, sharded, optionally on a Ray cluster.")
     g = p.add_argument_group("data and output")
@@ -145,6 +151,7 @@ def score_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_preprocess_args(p)
     add_pipeline_args(p)
+    add_pixel_cache_args(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
