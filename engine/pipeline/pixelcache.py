@@ -62,7 +62,7 @@ import mmap
 import os
 import time
 import zlib
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -147,15 +147,31 @@ def _pair(v) -> List[int]:
     return [int(v)]
 
 
+_IDENTITY: Dict[str, Dict[str, object]] = {}
+
+
 def decoder_identity(mode: str) -> Dict[str, object]:
-    """Everything about the decoders of this process that can change a pixel."""
+    """Everything about the decoders of this process that can change a pixel (computed once per mode)."""
+    if mode not in _IDENTITY:
+        _IDENTITY[mode] = _decoder_identity(mode)
+    return json.loads(json.dumps(_IDENTITY[mode]))
+
+
+def _decoder_identity(mode: str) -> Dict[str, object]:
     import PIL
     from PIL import features
 
     from preprocess import decode, jpegregion
 
-    simd = _dist_version("pillow-simd")
-    flavour = "simd" if simd and simd == PIL.__version__ else "stock"
+    # as scripts/setup-env.sh tells them apart; the hash of PIL's compiled core also tells an
+    # AVX2 build from an SSE4 one, and any rebuild
+    flavour = "simd" if _dist_version("pillow-simd") and not _dist_version("pillow") else "stock"
+    try:
+        from PIL import _imaging
+
+        imaging = _file_sha256(_imaging.__file__)
+    except Exception as e:  # pragma: no cover - PIL without its core does not decode at all
+        imaging = f"unknown ({e})"
     try:
         turbo = features.version("libjpeg_turbo")
     except Exception:
@@ -168,6 +184,7 @@ def decoder_identity(mode: str) -> Dict[str, object]:
     ident: Dict[str, object] = {
         "pillow": PIL.__version__,
         "pillow_flavour": flavour,
+        "pillow_core_sha256": imaging,
         "pillow_libjpeg": jpeg,
         "pillow_libjpeg_turbo": turbo,
         "simplejpeg": _dist_version("simplejpeg") if getattr(decode, "simplejpeg", None) is not None else None,
@@ -626,10 +643,13 @@ class PixelCache:
 
     def check(self, lo: int, hi: int) -> np.ndarray:
         """Verify the checksums of the HIT_OK rows in [lo, hi). Returns bool [hi-lo], True where a row
-        is bad; those rows become MISS (decode them) and count as rejected. Also counts the hits."""
+        is bad; those rows become MISS (decode them) and count as rejected. Call it once per batch:
+        it counts the batch's hits (HIT_OK rows that pass, and HIT_FAILED rows, whose reason is
+        read with `reason`)."""
         bad = np.zeros(hi - lo, bool)
+        self._hits += int((self.state[lo:hi] == HIT_FAILED).sum())
         sel = np.nonzero(self.state[lo:hi] == HIT_OK)[0]
-        if len(sel) == 0:
+        if len(sel) == 0 or self._all is None:
             return bad
         if len(sel) == hi - lo:
             sums = checksums(self._all[lo:hi])
