@@ -174,6 +174,23 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
     return resolve_config(a.model, overrides, **fields)
 
 
+def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
+    """make-cache's options (no model, no device) into a RunConfig: --pixel-cache defaults to the
+    default folder, as `--pixel-cache` without DIR does on run-eval."""
+    from engine.pipeline.pixelcache import default_pixel_cache_dir
+
+    overrides = {
+        "resize": a.resize, "crop": a.crop, "interpolation": a.interpolation, "decode": a.decode,
+        "mean": parse_triple(a.mean, "--mean") if a.mean else None,
+        "std": parse_triple(a.std, "--std") if a.std else None,
+    }
+    return resolve_config(
+        a.model, overrides, data=a.data, labels=a.labels, limit=a.limit, backend="cpu", batch_size=a.batch_size,
+        workers=a.workers, max_image_pixels=a.max_image_pixels, image_timeout=a.image_timeout,
+        pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir(), cache_verify=a.cache_verify,
+        progress=not a.no_progress)
+
+
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run-eval", allow_abbrev=False,
