@@ -394,6 +394,7 @@ class PixelCache:
         self._mm: Optional[mmap.mmap] = None
         self._all: Optional[np.ndarray] = None
         self._mapped_rows = 0
+        self._present = 0
         self._records = np.zeros(0, RECORD)
         self._stat = np.zeros(0, dtype=[("size", "<i8"), ("mtime_ns", "<i8"), ("mode", "<u4")])
         self._phash = np.zeros((0, 2), np.uint64)
@@ -443,13 +444,16 @@ class PixelCache:
         if verify:
             self._content = self._hash_contents()
         self._open_files()
-        if self.writable:
-            self._grow(n)
-        self._map()
+        size = os.fstat(self._pix_fd).st_size if self._pix_fd >= 0 else 0
+        self._present = min(n, size // self._row_bytes)  # rows the pixels file holds now
         self._records = self._read_records(0, n) if key_ok else np.zeros(n, RECORD)
         self.state = np.zeros(n, np.int8)
         self._rejected = 0
         self._classify(np.arange(n), count_rejected=True)
+        if self.writable:
+            self._forget_lost_rows()
+            self._grow(n)
+        self._map()
         if self.writable:
             n_missing = int((self.state == MISS).sum())
             try:
@@ -529,6 +533,18 @@ class PixelCache:
                                       "fix its permissions or give --pixel-cache another folder") from None
             setattr(self, attr, fd)
 
+    def _forget_lost_rows(self) -> None:
+        """Writer, before it grows a truncated pixels file back: clear the records of the rows the
+        file lost, so no record ever points at the zeros of the regrown part."""
+        lost = np.nonzero(self._records["status"][self._present:] != _EMPTY)[0] + self._present
+        if len(lost) == 0:
+            return
+        zero = bytes(RECORD.itemsize)
+        for i in lost:
+            _pwrite_all(self._rec_fd, zero, int(i) * RECORD.itemsize)
+        os.fdatasync(self._rec_fd)
+        self._records[lost] = np.zeros(len(lost), RECORD)
+
     def _grow(self, n: int) -> None:
         """Writer: the pixels file covers n rows (sparse), the records file n records (allocated)."""
         want_pix = n * self._row_bytes
@@ -583,7 +599,7 @@ class PixelCache:
                 & (st["size"] >= 0))
         if self._verify:
             same &= (rec["has_content"] == 1) & (rec["content"] == self._content[idx]).all(axis=1)
-        ok = same & (rec["status"] == _REC_OK) & (idx < self._mapped_rows)
+        ok = same & (rec["status"] == _REC_OK) & (idx < self._present)
         failed = same & (rec["status"] == _REC_FAILED)
         for k in np.nonzero(failed)[0]:
             if self._load_reason(int(idx[k]), rec[k]) is None:
@@ -669,11 +685,12 @@ class PixelCache:
         miss = np.nonzero(self.state == MISS)[0]
         if len(miss) == 0 or self._rec_fd < 0:
             return 0
-        if self._pix_fd >= 0:
+        if self._pix_fd >= 0 and not self.writable:
             size = os.fstat(self._pix_fd).st_size
-            if size // self._row_bytes > self._mapped_rows and not self.writable:
+            if min(self._n, size // self._row_bytes) > self._mapped_rows:
                 self._unmap()
                 self._map()
+            self._present = self._mapped_rows
         self._records[miss] = self._read_records(0, self._n)[miss]
         self._classify(miss, count_rejected=False)
         return int((self.state[miss] != MISS).sum())
