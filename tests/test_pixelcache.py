@@ -588,3 +588,34 @@ def test_default_dir(monkeypatch, tmp_path):
     assert pc.default_pixel_cache_dir() == os.path.join(str(tmp_path), "pixels")
     monkeypatch.delenv(pc.CACHE_ENV)
     assert pc.default_pixel_cache_dir().endswith(os.path.join(".cache", "imagenet-engine", "pixels"))
+
+
+def test_read_into_copies_and_checks(data, croot):
+    d = build_full(croot, data, failed=(2,))
+    rb = int(np.prod(SPEC.shape))
+    with open(os.path.join(d, "pixels"), "r+b") as f:
+        f.seek(6 * rb + rb - 1)
+        b = f.read(1)
+        f.seek(6 * rb + rb - 1)
+        f.write(bytes([b[0] ^ 0x80]))
+    c = pc.PixelCache.open(croot, data, SPEC, None, write=False)
+    out = np.full((16,) + SPEC.shape, 7, np.uint8)
+    bad = c.read_into(0, 16, out, chunk=3)
+    assert list(np.nonzero(bad)[0]) == [6] and c.state[6] == pc.MISS
+    want = pixels_of(data, 0, 16)
+    good = [i for i in range(16) if i not in (2, 6)]
+    assert np.array_equal(out[good], want[good])
+    assert (out[2] == 7).all()  # a failed image's row is left alone
+    st = c.stats()
+    assert st["hits"] == 15 and st["rejected"] == 1
+    c.close()
+
+
+def test_read_only_open_of_no_cache(data, tmp_path):
+    where = str(tmp_path / "none" / "here")
+    c = pc.PixelCache.open(where, data, SPEC, None, write=False)
+    assert (c.state == pc.MISS).all() and not c.writable and not os.path.exists(where)
+    assert not c.check(0, len(data)).any()
+    c.put(0, pixels_of(data, 0, 2), np.full(2, OK, np.int8), {})
+    c.flush()
+    c.close()

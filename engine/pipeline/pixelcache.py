@@ -15,9 +15,16 @@ API (what the sources, make-cache and the benches use):
         .prefetch(lo, hi)                    madvise(WILLNEED) of rows [lo, hi)
         .rows(lo, hi) -> uint8[hi-lo, H, W, 3]   zero-copy view of the mapped file
         .check(lo, hi) -> bool[hi-lo]        True = a HIT_OK row whose checksum is wrong; such rows
-                                             become MISS and count as rejected
+                                             become MISS and count as rejected. Call once per batch
+                                             (it counts the hits: rows that pass, and HIT_FAILED rows)
+        .read_into(lo, hi, out) -> bool[hi-lo]   copy the HIT_OK rows into out[0:hi-lo] (staging) and
+                                             check them on the copy (as check; one pass over memory)
         .put(lo, pixels, status, reasons)    write-through of rows [lo, lo+n) (status: ring OK/FAILED;
-                                             reasons {row: str}); raises CacheFull (then not writable)
+                                             reasons {row: str}); only rows that are MISS are stored;
+                                             raises CacheFull (then not writable, the run goes on);
+                                             a no-op when not writable. It pwrites (~40 MB a batch)
+                                             and flushes itself every 5 s / 4096 rows (fdatasync):
+                                             call put and flush from one helper thread, not the loop
         .flush()                             make everything put so far durable and visible to readers
         .refresh() -> int                    a reader re-reads the records (entries flushed since open)
         .stats() -> dict                     dir, hits, written, rejected, writable, bytes, ...
@@ -439,15 +446,12 @@ class PixelCache:
         self._dataset = dataset
         self._verify = bool(verify)
         self._n = n = len(dataset)
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-        except OSError as e:
-            if not write:
-                raise PixelCacheError(f"pixel cache {self.dir}: cannot create ({e.strerror or e}); "
-                                      "give --pixel-cache a folder you can write") from None
-            raise PixelCacheError(f"pixel cache {self.dir}: cannot create ({e.strerror or e}); give "
-                                  "--pixel-cache a folder you can write, or run without it") from None
         if write:
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+            except OSError as e:
+                raise PixelCacheError(f"pixel cache {self.dir}: cannot create it ({e.strerror or e}); give "
+                                      "--pixel-cache a folder you can write, or run without it") from None
             self._take_lock()
         key_ok = self._check_key()
         # the file identities as they are now
