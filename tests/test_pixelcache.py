@@ -619,3 +619,33 @@ def test_read_only_open_of_no_cache(data, tmp_path):
     c.put(0, pixels_of(data, 0, 2), np.full(2, OK, np.int8), {})
     c.flush()
     c.close()
+
+
+def test_broken_symlink_failure_is_cached(data, croot, tmp_path):
+    link = os.path.join(data.root, "a", "img_9999.jpg")
+    os.symlink(str(tmp_path / "gone.jpg"), link)
+    ds = build_dataset(data.root)
+    i = ds.paths.index(os.path.join("a", "img_9999.jpg"))
+    build_full(croot, ds, failed=(i,), reasons={i: "broken symlink (points to gone.jpg)"})
+    c = pc.PixelCache.open(croot, ds, SPEC, None, write=False)
+    assert c.state[i] == pc.HIT_FAILED and c.reason(i) == "broken symlink (points to gone.jpg)"
+    assert (np.delete(c.state, i) == pc.HIT_OK).all() and c.stats()["rejected"] == 0
+    c.close()
+    with open(tmp_path / "gone.jpg", "wb") as f:  # the target appears: no longer that failure
+        f.write(b"now an image")
+    c = pc.PixelCache.open(croot, ds, SPEC, None, write=False)
+    assert c.state[i] == pc.MISS
+    c.close()
+
+
+def test_counts_from_threads(data, croot):
+    from concurrent.futures import ThreadPoolExecutor
+
+    build_full(croot, data)
+    c = pc.PixelCache.open(croot, data, SPEC, None, write=False)
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(50):
+            c.state[:] = pc.HIT_OK
+            list(ex.map(lambda lo: c.check(lo, lo + 1), range(len(data))))
+    assert c.stats()["hits"] == 50 * len(data)
+    c.close()

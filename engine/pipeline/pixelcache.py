@@ -67,6 +67,7 @@ import hashlib
 import json
 import mmap
 import os
+import threading
 import time
 import zlib
 from typing import Callable, Dict, List, Optional, Tuple
@@ -342,10 +343,16 @@ def content_hash(path: str) -> Tuple[int, int]:
 
 
 def _stat(path: str) -> Tuple[int, int, int]:
+    """(size, mtime_ns, mode) of the file the path names; of the link itself for a dangling
+    symlink (its failure is then cached like any other, and a target appearing changes the mode);
+    (-1, -1, 0) when there is nothing (never a hit)."""
     try:
         st = os.stat(path)
     except OSError:
-        return -1, -1, 0
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return -1, -1, 0
     return st.st_size, st.st_mtime_ns, st.st_mode
 
 
@@ -427,6 +434,12 @@ class PixelCache:
         self._rejected = 0
         self._hits = 0
         self._last_flush = time.monotonic()
+        self._count_lock = threading.Lock()  # check() may run on several threads at once
+
+    def _count(self, hits: int = 0, rejected: int = 0) -> None:
+        with self._count_lock:
+            self._hits += hits
+            self._rejected += rejected
 
     # ----------------------------------------------------------------- open
 
@@ -627,7 +640,7 @@ class PixelCache:
         state[failed] = HIT_FAILED
         self.state[idx] = state
         if count_rejected:
-            self._rejected += int((nonzero & (state == MISS)).sum())
+            self._count(rejected=int((nonzero & (state == MISS)).sum()))
 
     def _load_reason(self, i: int, rec) -> Optional[str]:
         if self._why_fd < 0:
@@ -681,7 +694,7 @@ class PixelCache:
         it counts the batch's hits (HIT_OK rows that pass, and HIT_FAILED rows, whose reason is
         read with `reason`)."""
         bad = np.zeros(hi - lo, bool)
-        self._hits += int((self.state[lo:hi] == HIT_FAILED).sum())
+        self._count(hits=int((self.state[lo:hi] == HIT_FAILED).sum()))
         sel = np.nonzero(self.state[lo:hi] == HIT_OK)[0]
         if len(sel) == 0 or self._all is None:
             return bad
@@ -693,8 +706,7 @@ class PixelCache:
         bad[sel[wrong]] = True
         if wrong.any():
             self.state[lo + sel[wrong]] = MISS
-            self._rejected += int(wrong.sum())
-        self._hits += len(sel) - int(wrong.sum())
+        self._count(hits=len(sel) - int(wrong.sum()), rejected=int(wrong.sum()))
         return bad
 
     def read_into(self, lo: int, hi: int, out: np.ndarray, chunk: int = 4) -> np.ndarray:
@@ -705,7 +717,7 @@ class PixelCache:
         that are not HIT_OK are left alone (decode them into `out`)."""
         bad = np.zeros(hi - lo, bool)
         state = self.state[lo:hi]
-        self._hits += int((state == HIT_FAILED).sum())
+        self._count(hits=int((state == HIT_FAILED).sum()))
         sel = np.nonzero(state == HIT_OK)[0]
         if len(sel) == 0 or self._all is None:
             return bad
@@ -726,8 +738,7 @@ class PixelCache:
             w = np.array(wrong_rows)
             bad[w] = True
             self.state[lo + w] = MISS
-            self._rejected += len(w)
-        self._hits += len(sel) - len(wrong_rows)
+        self._count(hits=len(sel) - len(wrong_rows), rejected=len(wrong_rows))
         return bad
 
     def refresh(self) -> int:
