@@ -468,9 +468,8 @@ class PixelCache:
             self._take_lock()
         key_ok = self._check_key()
         # the file identities as they are now
-        self._stat = np.zeros(n, dtype=self._stat.dtype)
-        for i in range(n):
-            self._stat[i] = _stat(dataset.abspath(i))
+        join, base = os.path.join, dataset.root
+        self._stat = np.array([_stat(join(base, p)) for p in dataset.paths], dtype=self._stat.dtype)
         self._phash = np.array([_path_hash(p) for p in dataset.paths], np.uint64).reshape(n, 2)
         if verify:
             self._content = self._hash_contents()
