@@ -450,6 +450,15 @@ class PixelCache:
         every image's state. `write`: take the writer lock if free (else open read-only, `note` says
         why). `verify`: compare content hashes too (reads every file once)."""
         self = cls()
+        try:
+            self._open(root, dataset, spec, max_image_pixels, verify, write)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self, root: Optional[str], dataset, spec, max_image_pixels: Optional[int], verify: bool,
+              write: bool) -> None:
         root = root or default_pixel_cache_dir()
         self.shape = _shape_of(spec)
         self._row_bytes = int(np.prod(self.shape))
@@ -481,17 +490,15 @@ class PixelCache:
         self._rejected = 0
         self._classify(np.arange(n), count_rejected=True)
         if self.writable:
-            self._forget_lost_rows()
-            self._grow(n)
-        self._map()
-        if self.writable:
-            n_missing = int((self.state == MISS).sum())
             try:
-                check_space(self.dir, n_missing, self.shape)
+                check_space(self.dir, int((self.state == MISS).sum()), self.shape)
             except CacheFull as e:
                 self.note = str(e)
                 self._drop_writer()
-        return self
+        if self.writable:
+            self._forget_lost_rows()
+            self._grow(n)
+        self._map()
 
     def _take_lock(self) -> None:
         path = os.path.join(self.dir, "lock")
