@@ -312,7 +312,7 @@ def checksums(rows: np.ndarray) -> np.ndarray:
     if not flat.flags.c_contiguous or flat.ctypes.data % 8:
         flat = np.ascontiguousarray(flat)
     if nb:
-        words = (flat if q == rb else flat[:, :q]).view(np.uint64)
+        words = (flat if q == rb else np.ascontiguousarray(flat[:, :q])).view(np.uint64)  # numpy < 1.23
         out = (words.reshape(n, nb, bw).sum(axis=2, dtype=np.uint64) * weights).sum(axis=1, dtype=np.uint64)
     else:
         out = np.zeros(n, np.uint64)
