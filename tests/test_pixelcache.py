@@ -649,3 +649,26 @@ def test_counts_from_threads(data, croot):
             list(ex.map(lambda lo: c.check(lo, lo + 1), range(len(data))))
     assert c.stats()["hits"] == 50 * len(data)
     c.close()
+
+
+def test_failed_fdatasync_drops_its_rows(data, croot, monkeypatch):
+    c = pc.PixelCache.open(croot, data, SPEC, None)
+    fill(c, data, 0, 8)
+    c.flush()
+    fill(c, data, 8, 16)
+    real = os.fdatasync
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(pc.PixelCacheError) as e:
+        c.flush()
+    assert not isinstance(e.value, pc.CacheFull) and "Input/output error" in str(e.value)
+    assert not c.writable
+    monkeypatch.setattr(os, "fdatasync", real)
+    c.close()
+    c = pc.PixelCache.open(croot, data, SPEC, None)
+    assert (c.state[:8] == pc.HIT_OK).all() and (c.state[8:] == pc.MISS).all()
+    assert not os.path.exists(os.path.join(c.dir, "complete.json.tmp.%d" % os.getpid()))
+    c.close()

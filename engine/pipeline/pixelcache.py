@@ -21,7 +21,8 @@ API (what the sources, make-cache and the benches use):
                                              check them on the copy (as check; one pass over memory)
         .put(lo, pixels, status, reasons)    write-through of rows [lo, lo+n) (status: ring OK/FAILED;
                                              reasons {row: str}); only rows that are MISS are stored;
-                                             raises CacheFull (then not writable, the run goes on);
+                                             raises CacheFull on a full disk, PixelCacheError on
+                                             other write errors (then not writable, the run goes on);
                                              a no-op when not writable. It pwrites (~40 MB a batch)
                                              and flushes itself every 5 s / 4096 rows (fdatasync):
                                              call put and flush from one helper thread, not the loop
@@ -378,12 +379,19 @@ def _fsync_dir(path: str) -> None:
 
 def _write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _fsync_dir(os.path.dirname(path))
 
 
@@ -801,9 +809,7 @@ class PixelCache:
                 self._pending[lo + int(row)] = self._record(lo + int(row), _REC_FAILED, 0, off, data)
                 self._reason_cache[lo + int(row)] = text
         except OSError as e:
-            if _is_full(e):
-                self._disk_full(e)
-            raise
+            self._write_failed(e, sync_pending=True)
         self._written += len(ok)
         self._written_failed += len(failed)
         if len(self._pending) >= 4096 or time.monotonic() - self._last_flush > 5.0:
@@ -828,18 +834,27 @@ class PixelCache:
         raw[_CRC_BYTES:] = zlib.crc32(bytes(raw[:_CRC_BYTES])).to_bytes(4, "little")
         return bytes(raw)
 
-    def _disk_full(self, e: OSError) -> None:
-        """ENOSPC: keep what is durable, stop writing, stay resumable; raise CacheFull."""
+    def _write_failed(self, e: OSError, sync_pending: bool) -> None:
+        """A write failed (ENOSPC, EIO, ...): keep what is durable, stop writing, stay resumable, and
+        raise CacheFull (disk full) or PixelCacheError (any other error). `sync_pending`: the rows
+        put before are whole in the page cache, so their records may follow one more fdatasync;
+        False after a failed fdatasync, whose rows are dropped (a second fdatasync can report
+        success for data the first one lost)."""
         pending, self._pending = self._pending, {}
-        try:
-            os.fdatasync(self._pix_fd)
-            os.fdatasync(self._why_fd)
-            self._write_records(pending)
-        except OSError:
-            pass  # those rows stay missing: their records never reach the disk
+        if sync_pending:
+            try:
+                os.fdatasync(self._pix_fd)
+                os.fdatasync(self._why_fd)
+                self._write_records(pending)
+            except OSError:
+                pass  # those rows stay missing: their records never reach the disk
         self._drop_writer()
-        raise CacheFull(f"pixel cache {self.dir}: the disk is full ({e.strerror or e}); stopped writing the "
-                        "cache, the run goes on decoding; free space and run again to complete it") from None
+        if _is_full(e):
+            raise CacheFull(f"pixel cache {self.dir}: the disk is full ({e.strerror or e}); stopped writing the "
+                            "cache, the run goes on decoding; free space and run again to complete it") from None
+        raise PixelCacheError(f"pixel cache {self.dir}: cannot write it ({e.strerror or e}); stopped writing "
+                              "the cache, the run goes on decoding; check the disk, or run without "
+                              "--pixel-cache") from None
 
     def _write_records(self, pending: Dict[int, bytes]) -> None:
         if not pending:
@@ -871,13 +886,13 @@ class PixelCache:
         try:
             os.fdatasync(self._pix_fd)
             os.fdatasync(self._why_fd)
+        except OSError as e:
+            self._write_failed(e, sync_pending=False)
+        try:
             self._write_records(pending)
             _write_json_atomic(os.path.join(self.dir, "complete.json"), self._completion())
         except OSError as e:
-            if _is_full(e):
-                self._pending = pending
-                self._disk_full(e)
-            raise
+            self._write_failed(e, sync_pending=False)
 
     def _completion(self) -> Dict[str, object]:
         return {
