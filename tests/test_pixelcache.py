@@ -672,3 +672,17 @@ def test_failed_fdatasync_drops_its_rows(data, croot, monkeypatch):
     assert (c.state[:8] == pc.HIT_OK).all() and (c.state[8:] == pc.MISS).all()
     assert not os.path.exists(os.path.join(c.dir, "complete.json.tmp.%d" % os.getpid()))
     c.close()
+
+
+def test_pixels_cut_short_while_open(data, croot):
+    d = build_full(croot, data)
+    rb = int(np.prod(SPEC.shape))
+    c = pc.PixelCache.open(croot, data, SPEC, None, write=False)
+    os.truncate(os.path.join(d, "pixels"), 12 * rb)
+    bad = c.check(8, 16)
+    assert list(np.nonzero(bad)[0]) == [4, 5, 6, 7] and (c.state[12:16] == pc.MISS).all()
+    out = np.zeros((8,) + SPEC.shape, np.uint8)
+    bad = c.read_into(16, 24, out)
+    assert bad.all() and (c.state[16:] == pc.MISS).all()
+    assert c.stats()["rejected"] == 12 and c.stats()["hits"] == 4
+    c.close()

@@ -709,6 +709,7 @@ class PixelCache:
         read with `reason`)."""
         bad = np.zeros(hi - lo, bool)
         self._count(hits=int((self.state[lo:hi] == HIT_FAILED).sum()))
+        self._still_there(lo, hi, bad)
         sel = np.nonzero(self.state[lo:hi] == HIT_OK)[0]
         if len(sel) == 0 or self._all is None:
             return bad
@@ -723,6 +724,23 @@ class PixelCache:
         self._count(hits=len(sel) - int(wrong.sum()), rejected=int(wrong.sum()))
         return bad
 
+    def _still_there(self, lo: int, hi: int, bad: np.ndarray) -> None:
+        """Rows the pixels file lost since open (cut short behind our back) become bad misses
+        instead of a SIGBUS when touched: one fstat per batch."""
+        if self._pix_fd < 0 or self._all is None:
+            return
+        try:
+            rows = os.fstat(self._pix_fd).st_size // self._row_bytes
+        except OSError:
+            return
+        if rows >= hi:
+            return
+        gone = np.nonzero(self.state[max(lo, rows):hi] == HIT_OK)[0] + max(lo, rows)
+        if len(gone):
+            self.state[gone] = MISS
+            bad[gone - lo] = True
+            self._count(rejected=len(gone))
+
     def read_into(self, lo: int, hi: int, out: np.ndarray, chunk: int = 4) -> np.ndarray:
         """Copy the HIT_OK rows of [lo, hi) into `out` (uint8 [>= hi-lo, H, W, 3], e.g. pinned
         staging memory) and verify the checksums on the copy, a few rows at a time while they are
@@ -730,6 +748,7 @@ class PixelCache:
         is exactly what the caller sends on. Returns bool [hi-lo], True = bad (as `check`); rows
         that are not HIT_OK are left alone (decode them into `out`)."""
         bad = np.zeros(hi - lo, bool)
+        self._still_there(lo, hi, bad)
         state = self.state[lo:hi]
         self._count(hits=int((state == HIT_FAILED).sum()))
         sel = np.nonzero(state == HIT_OK)[0]
