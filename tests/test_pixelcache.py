@@ -686,3 +686,27 @@ def test_pixels_cut_short_while_open(data, croot):
     assert bad.all() and (c.state[16:] == pc.MISS).all()
     assert c.stats()["rejected"] == 12 and c.stats()["hits"] == 4
     c.close()
+
+
+def test_reader_while_a_writer_writes(tmp_path, croot):
+    ds = make_files(str(tmp_path / "data"), n=60)
+    script = WRITER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), data=ds.root, croot=croot)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == b"open", p.stderr.read().decode()
+        r = pc.PixelCache.open(croot, ds, SPEC, None)
+        assert not r.writable
+        want = pixels_of(ds, 0, len(ds))
+        seen = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            r.refresh()
+            hits = np.nonzero(r.state == pc.HIT_OK)[0]
+            seen = max(seen, len(hits))
+            assert not r.check(0, len(ds)).any()
+            assert np.array_equal(r.rows(0, len(ds))[hits], want[hits])
+        r.close()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert seen > 0
