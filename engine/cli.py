@@ -223,6 +223,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     from engine.pipeline.dataset import DatasetError
     from engine.evaluate import EXIT_ERROR, EXIT_USAGE, run_eval
     from engine.pipeline.pool import PoolError
+    from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError
 
     p = eval_parser()
@@ -237,7 +238,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"run-eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (BackendError, PoolError, RingError) as e:
+    except (BackendError, PoolError, RingError, PixelCacheError) as e:
         print(f"run-eval: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:  # writing the report on a full or read-only disk: a one-line error, status 3

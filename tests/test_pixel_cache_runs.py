@@ -366,3 +366,17 @@ def test_two_concurrent_runs_on_one_cache(mixed_set, tmp_path):
     readers = [(rep, err) for rep, err in reports if not rep["pixel_cache"]["writable"]]
     for rep, err in readers:
         assert rep["pixel_cache"]["written"] == 0 and "another run is writing it" in err
+
+
+def test_run_bench_e2e_builds_then_reads_the_cache(mixed_set, tmp_path):
+    from engine.bench import run_bench_main
+
+    js = str(tmp_path / "b.json")
+    status = run_bench_main(["--backend", "sim", "--sim-batch-ms", "1", "--batch-sizes", "4,8", "--iterations", "2",
+                             "--warmup", "0", "--e2e", mixed_set, "--workers", "2", "--json", js,
+                             "--pixel-cache", str(tmp_path / "pc")])
+    assert status == 0
+    rows = _report(js)["results"]
+    n = len(build_dataset(mixed_set))
+    assert rows[0]["pixel_cache"]["written"] == n - BAD and rows[0]["pixel_cache"]["hits"] == 0
+    assert rows[1]["pixel_cache"]["hits"] == n and rows[1]["pixel_cache"]["decoded"] == 0

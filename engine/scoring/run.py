@@ -164,6 +164,7 @@ def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] 
     from engine.scoring.manifest import ManifestError, ShardError
     from engine.pipeline.pool import PoolError
     from engine.report.output import write_json
+    from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError
 
     p = score_parser()
@@ -186,7 +187,7 @@ def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] 
     except OutputError as e:
         print(f"run-score: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except (BackendError, PoolError, RingError) as e:
+    except (BackendError, PoolError, RingError, PixelCacheError) as e:
         print(f"run-score: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:
