@@ -710,3 +710,11 @@ def test_reader_while_a_writer_writes(tmp_path, croot):
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert seen > 0
+
+
+def test_pixel_limit_is_keyed_as_the_workers_apply_it(data):
+    from preprocess.worker import pixel_limit
+
+    default = pc.pixel_key(SPEC, None, data.root)
+    assert default == pc.pixel_key(SPEC, pixel_limit(None), data.root)
+    assert default != pc.pixel_key(SPEC, 1000, data.root)

@@ -219,10 +219,18 @@ def pixel_key(spec, max_image_pixels: Optional[int], data_root: str) -> Dict[str
         "shape": list(_shape_of(spec)),
         "interpolation": spec.interpolation,
         "decode": spec.decode,
-        "max_image_pixels": None if max_image_pixels is None else int(max_image_pixels),
+        "max_image_pixels": _effective_limit(max_image_pixels),
         "decoders": decoder_identity(spec.decode),
         "data": os.path.realpath(data_root),
     }
+
+
+def _effective_limit(max_image_pixels: Optional[int]) -> int:
+    """The decompression-bomb limit the workers apply (the flag, else Pillow's threshold), so that
+    no flag and the flag at Pillow's default share a cache."""
+    from preprocess.worker import pixel_limit
+
+    return int(pixel_limit(max_image_pixels))
 
 
 def _shape_of(spec) -> Tuple[int, int, int]:
