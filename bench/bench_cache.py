@@ -94,7 +94,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=20000,
+                   help="synthetic set size (default: bench_overlap --pixel-cache's set, made once)")
+    p.add_argument("--limit", type=int, default=4000, help="images of the set to use, 0 for all (default: %(default)s)")
     p.add_argument("--data", help="an image folder instead of the synthetic set")
     p.add_argument("--workers", type=int, default=usable_cores(), help="decode workers (default: every core)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -108,12 +110,13 @@ def main(argv=None) -> int:
     shutil.rmtree(cache_dir, ignore_errors=True)
 
     # baseline: the exact decode pool, same images and cores (nothing else to do: no device time)
-    n, _, stats, _ = run_pool(data, a.workers, a.batch_size, inflight=a.inflight)
+    n, _, stats, _ = run_pool(data, a.workers, a.batch_size, inflight=a.inflight, limit=a.limit or None)
     pool_rate = n / stats.wall_s
     print(f"decode pool       {pool_rate:10,.1f} img/s  ({n} images, {a.workers} workers, batch {a.batch_size})")
 
     # build the cache (write-through, no device time): its rate beside the pool's
-    n, _, stats, _, built = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight)
+    n, _, stats, _, built = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight,
+                                       limit=a.limit or None)
     build_rate = n / stats.wall_s
     assert built["written"] + built["written_failed"] == n, built
     print(f"  building cache  {build_rate:10,.1f} img/s  (write-through, {build_rate / pool_rate:.2f} of the pool)")
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     images, wall, rounds = 0, 0.0, 0
     while wall < a.seconds or rounds < 2:
         n, _, stats, _, st = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight,
-                                        backend=backend)
+                                        backend=backend, limit=a.limit or None)
         assert st["hits"] == n and st["decoded"] == 0 and not st["workers_started"], st
         images += n
         wall += stats.wall_s
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
         pixels = os.path.join(built["dir"], "pixels")
         drop_pages(pixels)
         n, _, stats, _, st = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight,
-                                        backend=backend)
+                                        backend=backend, limit=a.limit or None)
         cold = n / stats.wall_s
         nbytes = n * row
         same = os.path.join(cache_dir, "same-size")
