@@ -3,10 +3,10 @@
 Each batch costs `--sim-batch-ms` of "device" time and nbytes / `--sim-h2d-gbps` of "copy" time,
 on two timelines like a copy engine and a compute engine. Waiting is `time.sleep` (no CPU, GIL
 released). The copy is also a real one: `submit` copies every byte of the host batch into a
-preallocated "device" buffer before the modelled copy time starts, so a run pays the memory
-traffic a real H2D copy pays (a batch read from the pixel cache is read, not just pointed at).
-Logits are a cheap deterministic function of the copied pixels (`sim_logits`), so results
-can be checked against the same function applied to reference-preprocessed pixels.
+"device" buffer (one per batch in flight, made once and reused) before the modelled copy time
+starts, so a run pays the memory traffic a real H2D copy pays (a batch read from the pixel cache
+is read, not just pointed at). Logits are a cheap deterministic function of the copied pixels
+(`sim_logits`), so results can be checked against the same function applied to reference-preprocessed pixels.
 """
 
 from __future__ import annotations
@@ -71,19 +71,17 @@ class SimBackend(Backend):
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
         with self._lock:
-            self._buffers = [self._new_buffer(batch_size) for _ in range(self.config.inflight + 1)]
+            self._buffers = []  # made by the first batches (one per batch in flight), then reused
 
     def _new_buffer(self, rows: int) -> np.ndarray:
-        buf = np.empty((rows,) + tuple(self.spec.shape), np.uint8)
-        buf.fill(0)  # fault the pages in now, not during the first timed copies
-        return buf
+        return np.empty((rows,) + tuple(self.spec.shape), np.uint8)
 
     def _take_buffer(self, rows: int) -> np.ndarray:
         with self._lock:
             for k, buf in enumerate(self._buffers):
                 if buf.shape[0] >= rows:
                     return self._buffers.pop(k)
-        return self._new_buffer(rows)  # more in flight than prepared for, or a bigger batch
+        return self._new_buffer(max(rows, self.batch_size))  # all in flight: one more
 
     def _give_buffer(self, buf: np.ndarray) -> None:
         with self._lock:
