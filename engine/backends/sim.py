@@ -6,7 +6,8 @@ released). The copy is also a real one: `submit` copies every byte of the host b
 "device" buffer (one per batch in flight, made once and reused) before the modelled copy time
 starts, so a run pays the memory traffic a real H2D copy pays (a batch read from the pixel cache
 is read, not just pointed at). Logits are a cheap deterministic function of the copied pixels
-(`sim_logits`), so results can be checked against the same function applied to reference-preprocessed pixels.
+(`sim_logits`), so results can be checked against the same function applied to
+reference-preprocessed pixels.
 """
 
 from __future__ import annotations
