@@ -380,3 +380,24 @@ def test_run_bench_e2e_builds_then_reads_the_cache(mixed_set, tmp_path):
     n = len(build_dataset(mixed_set))
     assert rows[0]["pixel_cache"]["written"] == n - BAD and rows[0]["pixel_cache"]["hits"] == 0
     assert rows[1]["pixel_cache"]["hits"] == n and rows[1]["pixel_cache"]["decoded"] == 0
+
+
+def test_workers_start_only_when_a_checksum_fails(mixed_set, uncached, tmp_path):
+    """Everything cached: no workers at the start; a row found bad when its batch is read makes the
+    source start them then, and only that row is decoded (into a slot with the batch's hit rows)."""
+    cache = str(tmp_path / "pc")
+    drive(mixed_set, cache, batch=8)
+    ds = build_dataset(mixed_set)
+    pc = PixelCache.open(cache, ds, resolve_config("resnext50_32x4d").preprocess, None, write=False)
+    path, row = os.path.join(pc.dir, "pixels"), int(np.prod(pc.shape))
+    assert not (pc.state == MISS).any()
+    pc.close()
+    with open(path, "r+b") as f:
+        f.seek(27 * row + 5)
+        b = f.read(1)
+        f.seek(27 * row + 5)
+        f.write(bytes([b[0] ^ 1]))
+    got, st, pool = drive(mixed_set, cache, batch=8)
+    assert_same(got, uncached)
+    assert st["workers_started"] and (st["rejected"], st["decoded"], st["written"]) == (1, 1, 1)
+    assert sum(w["images"] for w in pool.worker_stats()) == 1

@@ -152,6 +152,7 @@ class CacheSource(Source):
         self.decoded = 0  # images the workers decoded for this source
         self.read_batches = 0  # batches served straight from the cache (no copy)
         self.write_error: Optional[str] = None  # why writing stopped (the disk is full ...)
+        self.slot_wait_s = 0.0  # ring slots held after their copy, waiting for their write to the cache
         self._room: Optional[asyncio.Semaphore] = None
         self._free: "Optional[asyncio.Queue[int]]" = None
         self._pool_started: "Optional[asyncio.Future]" = None
@@ -193,8 +194,13 @@ class CacheSource(Source):
         await self._room.acquire()
         task = asyncio.ensure_future(self._batch(batch_no, start, n))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._batch_done)
         return task
+
+    def _batch_done(self, task: "asyncio.Task") -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # the scheduler raises the first error; the others must not be logged again
 
     async def _batch(self, batch_no: int, start: int, n: int) -> Batch:
         assert self._room is not None
@@ -313,7 +319,10 @@ class CacheSource(Source):
         assert self._free is not None
         free = self._free
 
+        asked = time.monotonic()
+
         def give(_=None) -> None:
+            self.slot_wait_s += time.monotonic() - asked
             free.put_nowait(slot)
             self._release_room()
 
@@ -341,5 +350,5 @@ class CacheSource(Source):
         """The cache's figures plus this source's: the `pixel_cache` object of a report."""
         out = dict(self.cache.stats())
         out.update(decoded=self.decoded, workers_started=self.workers_started, writing=self.write,
-                   write_error=self.write_error)
+                   write_error=self.write_error, slot_wait_s=round(self.slot_wait_s, 3))
         return out
