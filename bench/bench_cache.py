@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     # warm: every batch from the cache, checksums checked, copied into staging
     backend = staging_backend(a.batch_size, a.inflight)
     images, wall, rounds = 0, 0.0, 0
+    cpu0 = time.process_time()  # every thread of this process: what the read path costs, whatever the load
     while wall < a.seconds or rounds < 2:
         n, _, stats, _, st = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight,
                                         backend=backend, limit=a.limit or None)
@@ -132,9 +133,12 @@ def main(argv=None) -> int:
         wall += stats.wall_s
         rounds += 1
     warm = images / wall
+    per_cpu = images / (time.process_time() - cpu0)  # includes opening the cache each round
     row = int(np.prod(backend.buffers[0].shape[1:]))
     print(f"warm cache read   {warm:10,.1f} img/s  ({warm * row / 1e9:.2f} GB/s into staging, {rounds} rounds, "
           f"checksums on; target >= 20,000)")
+    print(f"  per CPU-second  {per_cpu:10,.1f} img  (CPU time of all this process's threads; load: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"  ratio to pool   {warm / pool_rate:10,.1f} x  (target >= 30)")
 
     cold = disk = None
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
               f"ratio {cold * row / 1e6 / disk:.2f}")
     result_block("cache", images=n, workers=a.workers, batch=a.batch_size, pool_img_per_s=pool_rate,
                  build_img_per_s=build_rate, warm_img_per_s=warm, warm_ratio_to_pool=warm / pool_rate,
-                 warm_gb_per_s=warm * row / 1e9, cold_img_per_s=cold,
+                 warm_gb_per_s=warm * row / 1e9, warm_img_per_cpu_s=per_cpu, load=os.getloadavg()[0],
+                 cold_img_per_s=cold,
                  cold_mb_per_s=cold * row / 1e6 if cold else None, disk_seq_mb_per_s=disk,
                  cold_ratio_to_disk=(cold * row / 1e6 / disk) if cold and disk else None)
     return 0

@@ -19,6 +19,7 @@ import sys
 
 import os
 import shutil
+import time
 
 from _common import ROOT, bench_data, result_block, run_cached, run_pool
 
@@ -83,15 +84,20 @@ def pixel_cache(a) -> int:
     assert built["written"] + built["written_failed"] == n, built
     print(f"  building run     {build:9,.1f} img/s end to end (write-through, {built['written']:,} stored): "
           f"{build / plain:.3f} of the decoding run (target >= 0.9)")
+    cpu0 = time.process_time()
     n, _, st, compute_c, read = run_cached(data, cache_dir, a.workers, batch, sim_batch_ms=ms)
+    cpu = time.process_time() - cpu0
     cached = n / st.wall_s
     assert read["hits"] == n and not read["workers_started"], read
     print(f"  cached run       {cached:9,.1f} img/s end to end, {cached / compute_c:.3f} of compute-only "
           f"({compute_c:,.1f} img/s) (target >= 0.95); the decoding run: {plain / compute:.3f}")
+    print(f"  host CPU of the cached run: {cpu:.2f} s for {n:,} images ({n / cpu:,.0f} img per CPU-second: "
+          f"checksums, the sim's copy and its logits); load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     result_block("overlap_pixel_cache", images=n, workers=a.workers, batch=batch, batch_ms=ms,
                  compute_only=compute_c, cached_end_to_end=cached, cached_ratio=cached / compute_c,
                  decoding_end_to_end=plain, decoding_ratio=plain / compute, building_end_to_end=build,
-                 build_cost_ratio=build / plain, cache_bytes=built.get("bytes"))
+                 build_cost_ratio=build / plain, cache_bytes=built.get("bytes"), cached_img_per_cpu_s=n / cpu,
+                 load=os.getloadavg()[0])
     return 0
 
 
