@@ -77,7 +77,8 @@ def run_cached(data: str, cache_dir: str, workers: int, batch: int, sim_batch_ms
                decode="exact", inflight: int = 3, backend=None, write: bool = True, **fields):
     """Like `run_pool`, through the pixel cache (CacheSource: reads what it holds, decodes and stores
     the rest; workers start only if something must be decoded). `backend`: a prepared backend to use
-    instead of the sim one. Returns (images, seconds, PipelineStats, compute-only img/s, cache stats)."""
+    instead of the sim one. Returns (images, seconds, PipelineStats, compute-only img/s, cache stats);
+    the cache stats' `cpu_s` is this process's CPU time (all threads) during the pipeline."""
     from engine.backends.sim import SimBackend
     from engine.config import resolve_config
     from engine.evaluate import measure_compute_only
@@ -104,16 +105,17 @@ def run_cached(data: str, cache_dir: str, workers: int, batch: int, sim_batch_ms
         try:
             await source.start(0, len(ds))
             lat = measure_compute_only(backend, batch, 5) if sim_batch_ms else None
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             stats = await run_pipeline(source, backend, len(ds), batch, inflight, lambda r: None)
             await source.finish()
             out["seconds"] = time.perf_counter() - t
+            out["cpu_s"] = time.process_time() - cpu  # every thread of this process (not the workers)
         finally:
             source.close()
             pool.close()
         out["stats"] = stats
         out["compute"] = batch / (sum(lat) / len(lat)) if lat else None
-        out["cache"] = source.stats()
+        out["cache"] = dict(source.stats(), cpu_s=out["cpu_s"])
 
     loop = new_event_loop()
     try:

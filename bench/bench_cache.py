@@ -124,16 +124,17 @@ def main(argv=None) -> int:
     # warm: every batch from the cache, checksums checked, copied into staging
     backend = staging_backend(a.batch_size, a.inflight)
     images, wall, rounds = 0, 0.0, 0
-    cpu0 = time.process_time()  # every thread of this process: what the read path costs, whatever the load
+    cpu = 0.0  # CPU time of every thread of this process in the pipelines: what reading costs, whatever the load
     while wall < a.seconds or rounds < 2:
         n, _, stats, _, st = run_cached(data, cache_dir, a.workers, a.batch_size, inflight=a.inflight,
                                         backend=backend, limit=a.limit or None)
         assert st["hits"] == n and st["decoded"] == 0 and not st["workers_started"], st
         images += n
         wall += stats.wall_s
+        cpu += st["cpu_s"]
         rounds += 1
     warm = images / wall
-    per_cpu = images / (time.process_time() - cpu0)  # includes opening the cache each round
+    per_cpu = images / cpu
     row = int(np.prod(backend.buffers[0].shape[1:]))
     print(f"warm cache read   {warm:10,.1f} img/s  ({warm * row / 1e9:.2f} GB/s into staging, {rounds} rounds, "
           f"checksums on; target >= 20,000)")
