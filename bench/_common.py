@@ -73,6 +73,21 @@ def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, lim
     return len(ds), out["seconds"], out["stats"], out["compute"]
 
 
+def warm_files(data: str, limit=None) -> None:
+    """Read every image file once, so that the first of two compared runs does not pay the disk
+    reads the second one is spared (the page cache)."""
+    from engine.pipeline.dataset import build_dataset
+
+    ds = build_dataset(data, limit=limit)
+    for i in range(len(ds)):
+        try:
+            with open(ds.abspath(i), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+        except OSError:
+            pass
+
+
 def run_cached(data: str, cache_dir: str, workers: int, batch: int, sim_batch_ms: float = 0.0, limit=None,
                decode="exact", inflight: int = 3, backend=None, write: bool = True, **fields):
     """Like `run_pool`, through the pixel cache (CacheSource: reads what it holds, decodes and stores

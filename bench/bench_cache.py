@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from _common import ROOT, bench_data, result_block, run_cached, run_pool
+from _common import ROOT, bench_data, result_block, run_cached, run_pool, warm_files
 
 
 def staging_backend(batch: int, inflight: int):
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     shutil.rmtree(cache_dir, ignore_errors=True)
 
     # baseline: the exact decode pool, same images and cores (nothing else to do: no device time)
+    warm_files(data, a.limit or None)
     n, _, stats, _ = run_pool(data, a.workers, a.batch_size, inflight=a.inflight, limit=a.limit or None)
     pool_rate = n / stats.wall_s
     print(f"decode pool       {pool_rate:10,.1f} img/s  ({n} images, {a.workers} workers, batch {a.batch_size})")

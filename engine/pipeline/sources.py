@@ -141,7 +141,7 @@ class CacheSource(Source):
     """
 
     def __init__(self, cache, dataset, pool: WorkerPool, ring: Ring, pad_to: int = 0, ahead: int = 4,
-                 write: bool = True, check_threads: int = 2, log=None):
+                 write: bool = True, check_threads: int = 2, spare: int = 2, log=None):
         from engine.pipeline import pixelcache
 
         self.pc = pixelcache
@@ -153,6 +153,9 @@ class CacheSource(Source):
         self.read_batches = 0  # batches served straight from the cache (no copy)
         self.write_error: Optional[str] = None  # why writing stopped (the disk is full ...)
         self.slot_wait_s = 0.0  # ring slots held after their copy, waiting for their write to the cache
+        self.spare = spare  # buffers the decoded rows wait in for the writer, so that slots are free at once
+        self._spare: List[np.ndarray] = []
+        self._spares_made = 0
         self._room: Optional[asyncio.Semaphore] = None
         self._free: "Optional[asyncio.Queue[int]]" = None
         self._pool_started: "Optional[asyncio.Future]" = None
@@ -285,17 +288,40 @@ class CacheSource(Source):
     # -- write-through ------------------------------------------------------------------------
     def _store(self, slot: int, start: int, n: int, f: Fill) -> "Optional[asyncio.Future]":
         """Put the decoded rows (pixels, or the failure and its reason) into the cache, in the
-        writer thread; the slot stays taken until it is done. The cache stores only rows it lacks."""
+        writer thread. The cache stores only rows it lacks. Returns a future after which the slot
+        may be reused: the rows are first copied into a spare buffer (up to `spare` of them) so that
+        a write held up by the disk (a flush's fdatasync, dirty-page throttling) does not hold the
+        ring; with no spare buffer free, the slot itself is held until its write is done."""
         reasons: Dict[int, str] = {int(r): reason for r, reason in f.failures}
         status = self.ring.status[slot, :n].copy()
-        fut = asyncio.get_running_loop().run_in_executor(self._writer, self._put, slot, start, n, status, reasons)
+        loop = asyncio.get_running_loop()
+        if self._spare or self._spares_made < self.spare:
+            if self._spare:
+                buf = self._spare.pop()
+            else:
+                buf = np.empty((self.ring.batch,) + tuple(self.ring.shape), np.uint8)
+                self._spares_made += 1
+            copied = loop.run_in_executor(self._checker, np.copyto, buf[:n], self.ring.pixels(slot)[:n])
+            write = asyncio.ensure_future(self._put_spare(copied, buf, start, n, status, reasons))
+            self._writes.add(write)
+            write.add_done_callback(self._written)
+            return copied
+        fut = loop.run_in_executor(self._writer, self._put, self.ring.pixels(slot)[:n], start, status, reasons)
         self._writes.add(fut)
         fut.add_done_callback(self._written)
         return fut
 
-    def _put(self, slot: int, start: int, n: int, status: np.ndarray, reasons: Dict[int, str]) -> None:
+    async def _put_spare(self, copied: "asyncio.Future", buf: np.ndarray, start: int, n: int, status: np.ndarray,
+                         reasons: Dict[int, str]) -> None:
+        try:
+            await copied
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._put, buf[:n], start, status, reasons)
+        finally:
+            self._spare.append(buf)
+
+    def _put(self, pixels: np.ndarray, start: int, status: np.ndarray, reasons: Dict[int, str]) -> None:
         if self.write:
-            self.cache.put(start, self.ring.pixels(slot)[:n], status, reasons)
+            self.cache.put(start, pixels, status, reasons)
 
     def _written(self, fut: "asyncio.Future") -> None:
         self._writes.discard(fut)
