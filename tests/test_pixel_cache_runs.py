@@ -401,3 +401,22 @@ def test_workers_start_only_when_a_checksum_fails(mixed_set, uncached, tmp_path)
     assert_same(got, uncached)
     assert st["workers_started"] and (st["rejected"], st["decoded"], st["written"]) == (1, 1, 1)
     assert sum(w["images"] for w in pool.worker_stats()) == 1
+
+
+def test_cache_verify_and_other_preprocessing(mixed_set, tmp_path):
+    """--cache-verify entries are read back by a verifying run; another crop gets another folder."""
+    cache = str(tmp_path / "pc")
+    base = [EVAL, "--data", mixed_set, "--batch-size", "8", "--pixel-cache", cache] + SIM
+    reps = []
+    for k, extra in enumerate((["--cache-verify"], ["--cache-verify"], ["--resize", "240", "--crop", "200"])):
+        out = str(tmp_path / f"v{k}.json")
+        r = run_cli(base + extra + ["--json", out])
+        assert r.returncode == 1, r.stderr
+        reps.append(_report(out))
+    n = reps[0]["dataset_images"]
+    assert reps[0]["pixel_cache"]["verify"] and reps[0]["config"]["cache_verify"]
+    assert reps[0]["pixel_cache"]["written"] == n - BAD and reps[1]["pixel_cache"]["hits"] == n
+    _same_report(reps[1], reps[0])
+    other = reps[2]["pixel_cache"]
+    assert other["dir"] != reps[0]["pixel_cache"]["dir"] and "200x200" in other["dir"]
+    assert other["hits"] == 0 and other["written"] == n - BAD
