@@ -101,6 +101,7 @@ class PoolSource(Source):
                 out.cancel()
             elif f.exception() is not None:
                 out.set_exception(f.exception())
+                out.exception()  # the scheduler raises the first one; the rest must not be logged at exit
             else:
                 out.set_result(self.batch_of(f.result()))
 
