@@ -321,16 +321,21 @@ class CacheSource(Source):
             self._spare.append(buf)
 
     def _put(self, pixels: np.ndarray, start: int, status: np.ndarray, reasons: Dict[int, str]) -> None:
-        if self.write:
+        if not self.write:
+            return
+        try:
             self.cache.put(start, pixels, status, reasons)
+        except BaseException:
+            self.write = False  # now, in the writer thread: the writes queued behind this one are skipped
+            raise
 
     def _written(self, fut: "asyncio.Future") -> None:
         self._writes.discard(fut)
         if fut.cancelled() or fut.exception() is None:
             return
         e = fut.exception()
-        if self.write:
-            self.write = False
+        self.write = False
+        if self.write_error is None:  # warn once
             self.write_error = str(e) or type(e).__name__
             what = "" if isinstance(e, self.pc.CacheFull) else f" ({type(e).__name__})"
             print(f"warning: pixel cache: stopped writing{what}: {self.write_error}; the run goes on "
