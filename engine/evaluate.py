@@ -219,6 +219,17 @@ def open_pixel_cache(cfg: RunConfig, ds: Dataset, log=None):
     return cache, bool(cache.writable)
 
 
+def close_pixel_cache(cache, log=None) -> None:
+    """Close the cache (its last flush); a disk that fills up right then is a warning, not an error:
+    the run's results stand and the cache stays resumable."""
+    from engine.pipeline.pixelcache import PixelCacheError
+
+    try:
+        cache.close()
+    except PixelCacheError as e:
+        print(f"warning: pixel cache: {e}", file=log if log is not None else sys.stderr)
+
+
 def format_pixel_cache(pc: Dict) -> str:
     """The console line of `--pixel-cache`."""
     workers = "workers started" if pc.get("workers_started") else "no workers started"
@@ -273,7 +284,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         if state["cache"] is not None:
             source = state.get("source")
             state["pixel_cache"] = source.stats() if source is not None else dict(state["cache"].stats())
-            state["cache"].close()
+            close_pixel_cache(state["cache"])
         if backend is not None:
             backend.unregister_host_memory()
         if ring is not None:

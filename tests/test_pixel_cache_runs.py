@@ -420,3 +420,15 @@ def test_cache_verify_and_other_preprocessing(mixed_set, tmp_path):
     other = reps[2]["pixel_cache"]
     assert other["dir"] != reps[0]["pixel_cache"]["dir"] and "200x200" in other["dir"]
     assert other["hits"] == 0 and other["written"] == n - BAD
+
+
+def test_disk_full_at_the_last_flush_is_a_warning(mixed_set, uncached, tmp_path, capsys, monkeypatch):
+    def full(self):
+        self.writable = False  # as PixelCache does on ENOSPC: read-only from then on
+        raise CacheFull("pixel cache: the disk is full (test, at flush)")
+
+    monkeypatch.setattr(PixelCache, "flush", full)
+    got, st, _ = drive(mixed_set, str(tmp_path), batch=64)  # one batch: no flush until finish()
+    assert_same(got, uncached)
+    assert "at flush" in st["write_error"]
+    assert capsys.readouterr().err.count("stopped writing") == 1

@@ -333,7 +333,9 @@ class CacheSource(Source):
         self._writes.discard(fut)
         if fut.cancelled() or fut.exception() is None:
             return
-        e = fut.exception()
+        self._stop_writing(fut.exception())
+
+    def _stop_writing(self, e: BaseException) -> None:
         self.write = False
         if self.write_error is None:  # warn once
             self.write_error = str(e) or type(e).__name__
@@ -369,7 +371,10 @@ class CacheSource(Source):
             await asyncio.gather(*list(self._writes), return_exceptions=True)
         loop = asyncio.get_running_loop()
         if self.cache.writable:
-            await loop.run_in_executor(self._writer, self.cache.flush)
+            try:
+                await loop.run_in_executor(self._writer, self.cache.flush)
+            except self.pc.PixelCacheError as e:  # a full disk (CacheFull) or EIO at the last fdatasync
+                self._stop_writing(e)
 
     def close(self) -> None:
         """Cancel batches still being read; stop the helper threads (waits for a running write)."""

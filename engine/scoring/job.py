@@ -457,7 +457,9 @@ class PartScorer:
             self.pixel_cache = self.source.stats()
             self.source = None
         if self.cache is not None:
-            self.cache.close()
+            from engine.evaluate import close_pixel_cache
+
+            close_pixel_cache(self.cache)
             self.cache = None
         if self.pool is not None:
             self.pool.close()
