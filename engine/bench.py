@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import add_model_args, add_preprocess_args, config_from_args, positive_int
+from engine.cli import add_model_args, add_pixel_cache_args, add_preprocess_args, config_from_args, positive_int
 from engine.config import ConfigError, RunConfig
 
 EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3
@@ -52,7 +52,7 @@ def end_to_end(cfg: RunConfig, data: str, batch_size: int) -> Dict:
                           compute_only_iters=2)  # compute-only is measured by the bench itself
     report, status = run_eval(run_cfg, out=io.StringIO())
     return {"end_to_end_img_per_s": report["throughput"]["end_to_end"], "images": report["images"],
-            "failed": report["failed"], "status": status}
+            "failed": report["failed"], "status": status, "pixel_cache": report.get("pixel_cache")}
 
 
 def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: int, e2e: Optional[str] = None,
@@ -89,8 +89,13 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
         figure = end_to_end(cfg, e2e, row["batch_size"])
         row["end_to_end_img_per_s"] = figure["end_to_end_img_per_s"]
         row["ratio"] = figure["end_to_end_img_per_s"] / row["img_per_s"] if row["img_per_s"] else None
+        pc = figure["pixel_cache"]
+        cached = ""
+        if pc is not None:  # --pixel-cache: the first batch size builds it, the others read it
+            row["pixel_cache"] = {k: pc.get(k) for k in ("hits", "written", "rejected", "decoded")}
+            cached = f", pixel cache: {pc.get('hits', 0):,} read, {pc.get('written', 0):,} written"
         print(f"run-bench: batch {row['batch_size']}: end to end {row['end_to_end_img_per_s']:,.1f} img/s "
-              f"({figure['images']} images, {figure['failed']} failed)", file=log, flush=True)
+              f"({figure['images']} images, {figure['failed']} failed{cached})", file=log, flush=True)
     config = dict(cfg.to_dict(), batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, e2e=e2e,
                   compute_only_threads=compute_cfg.threads, backend_info=info, environment=environment())
     return {"results": results, "config": config}
@@ -183,6 +188,7 @@ def bench_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=positive_int, default=0,
                    help="cpu backend: torch threads (default: every core for compute only, the cores the "
                         "workers leave for --e2e)")
+    add_pixel_cache_args(p)  # for --e2e: every batch size after the first reads the cache
     p.set_defaults(batch_size=1, compute_only_iters=0, no_progress=True)
     return p
 
@@ -198,6 +204,7 @@ def run_bench_main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--e2e {a.e2e}: no such folder")
     from engine.pipeline.dataset import DatasetError
     from engine.pipeline.pool import PoolError
+    from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError
 
     try:
@@ -208,7 +215,7 @@ def run_bench_main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"run-bench: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (BackendError, PoolError, RingError) as e:
+    except (BackendError, PoolError, RingError, PixelCacheError) as e:
         print(f"run-bench: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(format_table(bench))

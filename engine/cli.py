@@ -125,6 +125,34 @@ def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64, allow
                         "failed (default: %(default)s)")
 
 
+# `--pixel-cache` with no folder: the default one (engine.pipeline.pixelcache.default_pixel_cache_dir)
+PIXEL_CACHE_DEFAULT = "<default>"
+
+
+def add_pixel_cache_args(p: argparse.ArgumentParser) -> None:
+    """`--pixel-cache [DIR]` and `--cache-verify`, the same on run-eval, run-score, run-bench --e2e and
+    make-cache (docs/pixel-cache.md)."""
+    g = p.add_argument_group("pixel cache (docs/pixel-cache.md)")
+    g.add_argument("--pixel-cache", nargs="?", const=PIXEL_CACHE_DEFAULT, default=None, metavar="DIR",
+                   help="read the exact uint8 crops of earlier runs from this cache instead of decoding, and "
+                        "store what is decoded now (write-through); without DIR: "
+                        "$IMAGENET_ENGINE_CACHE/pixels (or ~/.cache/imagenet-engine/pixels). "
+                        "150,528 bytes per image at 224x224")
+    g.add_argument("--cache-verify", action="store_true",
+                   help="with --pixel-cache: also key each entry by a hash of the image file's content "
+                        "(reads every file; default: its path, size and modification time)")
+
+
+def pixel_cache_dir(a: argparse.Namespace) -> Optional[str]:
+    """The cache folder asked for on the command line, or None."""
+    value = getattr(a, "pixel_cache", None)
+    if value == PIXEL_CACHE_DEFAULT:
+        from engine.pipeline.pixelcache import default_pixel_cache_dir
+
+        return default_pixel_cache_dir()
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>) or a flat folder")
@@ -157,9 +185,27 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         cuda_graphs=a.cuda_graphs,
         max_image_pixels=getattr(a, "max_image_pixels", None), image_timeout=getattr(a, "image_timeout", 120.0),
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
+        pixel_cache=pixel_cache_dir(a), cache_verify=getattr(a, "cache_verify", False),
     )
     fields.update(extra)
     return resolve_config(a.model, overrides, preset=getattr(a, "preset", None), **fields)
+
+
+def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
+    """make-cache's options (no model, no device) into a RunConfig: --pixel-cache defaults to the
+    default folder, as `--pixel-cache` without DIR does on run-eval."""
+    from engine.pipeline.pixelcache import default_pixel_cache_dir
+
+    overrides = {
+        "resize": a.resize, "crop": a.crop, "interpolation": a.interpolation, "decode": a.decode,
+        "mean": parse_triple(a.mean, "--mean") if a.mean else None,
+        "std": parse_triple(a.std, "--std") if a.std else None,
+    }
+    return resolve_config(
+        a.model, overrides, data=a.data, labels=a.labels, limit=a.limit, backend="cpu", batch_size=a.batch_size,
+        workers=a.workers, max_image_pixels=a.max_image_pixels, image_timeout=a.image_timeout,
+        pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir(), cache_verify=a.cache_verify,
+        progress=not a.no_progress)
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -171,6 +217,7 @@ def eval_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_preprocess_args(p)
     add_pipeline_args(p, allow_auto=True)
+    add_pixel_cache_args(p)
     p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "
@@ -193,6 +240,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     from engine.pipeline.dataset import DatasetError
     from engine.evaluate import EXIT_ERROR, EXIT_USAGE, run_eval
     from engine.pipeline.pool import PoolError
+    from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError
 
     p = eval_parser()
@@ -207,7 +255,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"run-eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (BackendError, PoolError, RingError) as e:
+    except (BackendError, PoolError, RingError, PixelCacheError) as e:
         print(f"run-eval: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:  # writing the report on a full or read-only disk: a one-line error, status 3

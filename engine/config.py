@@ -291,6 +291,8 @@ class RunConfig:
     cuda_graphs: bool = False  # cuda: replay the model as a CUDA graph (static shapes, padded batches)
     max_image_pixels: Optional[int] = None  # decompression-bomb limit; None: Pillow's (178,956,970)
     image_timeout: float = 120.0  # seconds on one image before its worker is killed (and the image retried)
+    pixel_cache: Optional[str] = None  # --pixel-cache: folder of the exact pixel cache; None: no cache
+    cache_verify: bool = False  # --cache-verify: the cache key also hashes each image file's content
     json_path: Optional[str] = None
     trace_path: Optional[str] = None  # --trace: Chrome/Perfetto trace-event JSON of the run
     progress: bool = True

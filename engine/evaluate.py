@@ -28,7 +28,7 @@ from engine.procs import usable_cores
 from engine.report.profile import breakdown
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.pipeline.ring import Ring
-from engine.pipeline.sources import PoolSource
+from engine.pipeline.sources import CacheSource, PoolSource, Source
 from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
 from engine.report.trace import write_trace
 
@@ -172,8 +172,18 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
     pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers, image_timeout=cfg.image_timeout,
                       max_image_pixels=cfg.max_image_pixels)
     state["pool"] = pool
+    pad = cfg.batch_size if backend.static_shape else 0
+    cache = state.get("cache")
+    if cache is None:
+        source: Source = PoolSource(pool, ring, pad)
+    else:  # the workers start only if something must be decoded (engine/pipeline/sources.py)
+        source = state["source"] = CacheSource(cache, ds, pool, ring, pad, ahead=cfg.slots,
+                                               write=state.get("cache_write", True))
     try:
-        await pool.start()
+        if cache is None:
+            await pool.start()
+        else:
+            await source.start(0, len(ds))
         # compute-only first, while the workers are idle: inputs already on the device
         state["compute"] = await loop.run_in_executor(
             None, measure_compute_only, backend, cfg.batch_size, cfg.compute_only_iters)
@@ -187,12 +197,52 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
 
         progress = Progress(len(ds), cfg.progress)
         state["stats"] = PipelineStats()
-        source = PoolSource(pool, ring, cfg.batch_size if backend.static_shape else 0)
         await run_pipeline(source, backend, len(ds), cfg.batch_size, cfg.inflight, reduce, progress,
                            stats=state["stats"])
         progress.close()
+        await source.finish()
     finally:
+        if isinstance(source, CacheSource):
+            source.close()
         pool.close()
+
+
+def open_pixel_cache(cfg: RunConfig, ds: Dataset, log=None):
+    """The `--pixel-cache` of a run, or (None, False); else (cache, write). The cache opens
+    read-only (`write` False, one line says why) when another run holds its write lock or the
+    images it lacks do not fit on its disk: the run then reads what is there and decodes the rest."""
+    if not cfg.pixel_cache:
+        return None, False
+    from engine.pipeline.pixelcache import PixelCache
+
+    cache = PixelCache.open(cfg.pixel_cache, ds, cfg.preprocess, cfg.max_image_pixels, verify=cfg.cache_verify,
+                            write=True)
+    if cache.note:
+        print(f"warning: {cache.note}", file=log if log is not None else sys.stderr)
+    return cache, bool(cache.writable)
+
+
+def close_pixel_cache(cache, log=None) -> None:
+    """Close the cache (its last flush); a disk that fills up right then is a warning, not an error:
+    the run's results stand and the cache stays resumable."""
+    from engine.pipeline.pixelcache import PixelCacheError
+
+    try:
+        cache.close()
+    except PixelCacheError as e:
+        print(f"warning: pixel cache: {e}", file=log if log is not None else sys.stderr)
+
+
+def format_pixel_cache(pc: Dict) -> str:
+    """The console line of `--pixel-cache`."""
+    workers = "workers started" if pc.get("workers_started") else "no workers started"
+    line = (f"  pixel cache   {pc.get('hits', 0):,} read, {pc.get('written', 0):,} written, "
+            f"{pc.get('rejected', 0):,} rejected, {pc.get('decoded', 0):,} decoded ({workers}); {pc.get('dir')}")
+    if pc.get("write_error"):
+        line += f"\n  pixel cache   stopped writing: {pc['write_error']}"
+    elif not pc.get("writing", True):
+        line += "\n  pixel cache   read only this run (another run holds the write lock, or no room)"
+    return line
 
 
 def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
@@ -203,6 +253,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     state: Dict = {"stats": None, "compute": None, "pool": None}
     ring = None
     backend = None
+    state["cache"], state["cache_write"] = open_pixel_cache(cfg, ds)
     loop = new_event_loop()
     stopped: Optional[int] = None
     t0 = time.monotonic()
@@ -235,6 +286,10 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         print("\nSIGINT: stopped before the run started", file=sys.stderr)
     finally:
         loop.close()
+        if state["cache"] is not None:
+            source = state.get("source")
+            state["pixel_cache"] = source.stats() if source is not None else dict(state["cache"].stats())
+            close_pixel_cache(state["cache"])
         if backend is not None:
             backend.unregister_host_memory()
         if ring is not None:
@@ -249,7 +304,11 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None, tuning=state.get("autotune"))
-    print(format_eval(report), file=out)
+    text = format_eval(report)
+    if state.get("pixel_cache") is not None:
+        report["pixel_cache"] = state["pixel_cache"]
+        text += "\n" + format_pixel_cache(report["pixel_cache"])
+    print(text, file=out)
     for line in format_preprocessing_check(report["preprocessing_check"], cfg.model):
         print(line, file=out)
     if cfg.json_path:

@@ -15,11 +15,18 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from typing import Callable, Dict, List
 
 import numpy as np
 
 from engine.config import RunConfig
+
+
+# A batch read from the pixel cache is a slice of a read-only mapping; backends wrap it with
+# torch.from_numpy only to copy from it (to the device or to staging), never to write, so torch's
+# warning about non-writable arrays says nothing useful (engine/pipeline/sources.py, CacheSource).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 class BackendError(RuntimeError):

@@ -181,6 +181,14 @@ class StreamBackend(Backend):
         self._registered = (ptr, size) if ok else None
         self.host_memory = "registered ring" if ok else "pinned staging"
 
+    def _in_registered(self, pixels: np.ndarray) -> bool:
+        """The batch lies in the registered (pinned) ring, so the H2D copy may read it directly."""
+        if self._registered is None:
+            return False
+        ptr, size = self._registered
+        at = int(pixels.ctypes.data)
+        return ptr <= at and at + pixels.nbytes <= ptr + size
+
     def unregister_host_memory(self) -> None:
         if self._registered is not None:
             ptr, _ = self._registered
@@ -208,7 +216,7 @@ class StreamBackend(Backend):
         n = pixels.shape[0]
         host = torch.from_numpy(pixels)
         staging = None
-        if self._registered is None:
+        if not self._in_registered(pixels):  # not a ring slot: a pixel-cache slice (a mapped file)
             staging = self._staging.acquire()
             staging[:n].copy_(host)
             host = staging[:n]

@@ -2,15 +2,19 @@
 
 Each batch costs `--sim-batch-ms` of "device" time and nbytes / `--sim-h2d-gbps` of "copy" time,
 on two timelines like a copy engine and a compute engine. Waiting is `time.sleep` (no CPU, GIL
-released). Logits are a cheap deterministic function of the pixels (`sim_logits`), so results
-can be checked against the same function applied to reference-preprocessed pixels.
+released). The copy is also a real one: `submit` copies every byte of the host batch into a
+"device" buffer (one per batch in flight, made once and reused) before the modelled copy time
+starts, so a run pays the memory traffic a real H2D copy pays (a batch read from the pixel cache
+is read, not just pointed at). Logits are a cheap deterministic function of the copied pixels
+(`sim_logits`), so results can be checked against the same function applied to
+reference-preprocessed pixels.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -37,13 +41,22 @@ def _sleep_until(t: float) -> None:
 
 
 class _SimBatch(InFlight):
-    def __init__(self, copy_end: float, done: float, logits: np.ndarray):
-        self.copy_end, self.done, self.logits = copy_end, done, logits
+    def __init__(self, copy_end: float, done: float, device: np.ndarray, num_classes: int, release):
+        self.copy_end, self.done, self.device, self.num_classes = copy_end, done, device, num_classes
+        self._release = release
+        self.logits: Optional[np.ndarray] = None
 
     def copied(self) -> None:
         _sleep_until(self.copy_end)
 
     def result(self) -> np.ndarray:
+        if self.logits is None:
+            # the "model" reads the device copy while the simulated device time runs
+            self.logits = sim_logits(self.device, self.num_classes)
+            self.device = None
+            if self._release is not None:  # the input buffer is free again
+                self._release()
+                self._release = None
         _sleep_until(self.done)
         return self.logits
 
@@ -59,9 +72,27 @@ class SimBackend(Backend):
         self._lock = threading.Lock()
         self._copy_free = 0.0
         self._device_free = 0.0
+        self._buffers: List[np.ndarray] = []  # free "device" input buffers, [batch, H, W, 3] uint8
+        self.copied_bytes = 0
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
+        with self._lock:
+            self._buffers = []  # made by the first batches (one per batch in flight), then reused
+
+    def _new_buffer(self, rows: int) -> np.ndarray:
+        return np.empty((rows,) + tuple(self.spec.shape), np.uint8)
+
+    def _take_buffer(self, rows: int) -> np.ndarray:
+        with self._lock:
+            for k, buf in enumerate(self._buffers):
+                if buf.shape[0] >= rows:
+                    return self._buffers.pop(k)
+        return self._new_buffer(max(rows, self.batch_size))  # all in flight: one more
+
+    def _give_buffer(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._buffers.append(buf)
 
     def _schedule(self, nbytes: int):
         with self._lock:
@@ -74,9 +105,13 @@ class SimBackend(Backend):
         return copy_end, done
 
     def submit(self, pixels: np.ndarray) -> InFlight:
-        logits = sim_logits(pixels, self.config.num_classes)  # reads the pixels before the slot is freed
+        n = pixels.shape[0]
+        buf = self._take_buffer(n)
+        device = buf[:n]
+        np.copyto(device, pixels)  # the real copy: every byte of the host batch is read
+        self.copied_bytes += pixels.nbytes
         copy_end, done = self._schedule(pixels.nbytes)
-        return _SimBatch(copy_end, done, logits)
+        return _SimBatch(copy_end, done, device, self.config.num_classes, lambda: self._give_buffer(buf))
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         out = []

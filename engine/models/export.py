@@ -64,7 +64,7 @@ class MismatchError(ExportError):
 
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="export",
+        prog="export", allow_abbrev=False,
         description="Export a torchvision state dict to TorchScript (traced with a 1x3xSxS batch), checked "
                     "against eager; the file run-eval --ts and the aie backend take.")
     p.add_argument("weights", metavar="WEIGHTS.pth", help="state dict, like resnext50_32x4d-7cdf4587.pth")

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from engine.config import PreprocessSpec, format_resize
 from engine.pipeline.dataset import Dataset
@@ -197,25 +197,45 @@ class WorkerPool:
         return w
 
     # -- feeding -----------------------------------------------------------------------------
-    def fill(self, slot: int, batch_no: int, start: int, n: int) -> "asyncio.Future[Fill]":
-        """Fill `slot` with dataset images [start, start + n); resolves to the `Fill`."""
+    def fill(self, slot: int, batch_no: int, start: int, n: int,
+             rows: Optional[Sequence[int]] = None) -> "asyncio.Future[Fill]":
+        """Fill `slot` with dataset images [start, start + n); resolves to the `Fill`.
+
+        `rows` (sorted row numbers): decode only these; the caller has already written the other
+        rows' pixels, status (OK or FAILED) and decode time (the pixel cache's hits, see
+        engine/pipeline/sources.py). None: every row.
+        """
         assert self._loop is not None, "start() the pool first"
         self._raise_if_failed()
         ring, ds = self.ring, self.dataset
         ring.labels[slot, :n] = ds.labels[start:start + n]
         ring.indices[slot, :n] = range(start, start + n)
-        ring.status[slot, :] = EMPTY
+        todo = list(range(n)) if rows is None else [int(r) for r in rows]
+        if rows is None:
+            ring.status[slot, :] = EMPTY
+        else:
+            ring.status[slot, n:] = EMPTY
+            ring.status[slot, todo] = EMPTY
         fut = self._loop.create_future()
         f = Fill(slot, batch_no, start, n, fut, submitted=time.monotonic())
+        if not todo:  # nothing to decode: ready at once
+            f.done_at = f.submitted
+            fut.set_result(f)
+            return fut
         self._fills[slot] = f
-        for lo in range(0, n, self.chunk):
-            rows = [(r, ds.abspath(start + r)) for r in range(lo, min(n, lo + self.chunk))]
-            job = _Job(self._next_job, f, rows)
+        for lo in range(0, len(todo), self.chunk):
+            chunk = [(r, ds.abspath(start + r)) for r in todo[lo:lo + self.chunk]]
+            job = _Job(self._next_job, f, chunk)
             self._next_job += 1
             f.pending.add(job.id)
             self.queue.append(job)
         self._pump()
         return fut
+
+    @property
+    def started(self) -> bool:
+        """`start()` has been called (workers were spawned)."""
+        return self._loop is not None
 
     def _pump(self) -> None:
         while self.queue:

@@ -310,6 +310,7 @@ class ScoreStats:
     writer_s: float = 0.0
     records: List[Dict] = field(default_factory=list)
     pipeline: PipelineStats = field(default_factory=PipelineStats)
+    pixel_cache: Optional[Dict] = None  # --pixel-cache: hits, written, rejected ... (local runs)
 
 
 class PartScorer:
@@ -335,6 +336,9 @@ class PartScorer:
         self.encoder = RowEncoder(out.fmt, classes, parquet_meta)
         self.ring = None
         self.pool = None
+        self.cache = None  # --pixel-cache: the open PixelCache, read by `source`
+        self.source = None
+        self.pixel_cache: Optional[Dict] = None  # its report object, once closed
         self.loop = None
         self.task: Optional[asyncio.Task] = None
         self.stop_signal: Optional[int] = None
@@ -356,8 +360,19 @@ class PartScorer:
         extra = {"image_timeout": getattr(cfg, "image_timeout", 120.0)}
         if getattr(cfg, "max_image_pixels", None) is not None:
             extra["max_image_pixels"] = cfg.max_image_pixels
-        self.pool = WorkerPool(self.ring, self.manifest.dataset(), cfg.preprocess, cfg.workers, **extra)
-        self.loop.run_until_complete(self.pool.start())
+        dataset = self.manifest.dataset()
+        self.pool = WorkerPool(self.ring, dataset, cfg.preprocess, cfg.workers, **extra)
+        if getattr(cfg, "pixel_cache", None):
+            # the cache first, the pool (started only if something must be decoded) for the rest
+            from engine.evaluate import open_pixel_cache
+            from engine.pipeline.sources import CacheSource
+
+            self.cache, write = open_pixel_cache(cfg, dataset)
+            self.source = CacheSource(self.cache, dataset, self.pool, self.ring,
+                                      cfg.batch_size if self.backend.static_shape else 0, ahead=cfg.slots,
+                                      write=write)
+        else:
+            self.loop.run_until_complete(self.pool.start())
 
     def describe(self) -> Dict:
         return self.backend.describe()
@@ -409,10 +424,16 @@ class PartScorer:
             for first, end in contiguous_runs(parts):
                 lo = self.manifest.part_range(first, self.part_size)[0]
                 hi = min(n, end * self.part_size)
-                source = PoolSource(self.pool, self.ring, cfg.batch_size if self.backend.static_shape else 0)
+                if self.source is not None:  # one CacheSource for every run: its slots outlive a run
+                    source = self.source
+                    await source.start(lo, hi)
+                else:
+                    source = PoolSource(self.pool, self.ring, cfg.batch_size if self.backend.static_shape else 0)
                 await run_pipeline(source, self.backend, hi, cfg.batch_size, cfg.inflight,
                                    router.reduce, prog, start=lo, stats=stats.pipeline)
                 base += hi - lo
+            if self.source is not None:
+                await self.source.finish()
         except asyncio.CancelledError:
             if writer.error is not None:
                 raise writer.error
@@ -431,6 +452,15 @@ class PartScorer:
                 stats.wall_s = time.monotonic() - t0
 
     def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.pixel_cache = self.source.stats()
+            self.source = None
+        if self.cache is not None:
+            from engine.evaluate import close_pixel_cache
+
+            close_pixel_cache(self.cache)
+            self.cache = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -454,6 +484,8 @@ def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
         progress = Progress(job.pending_images(), job.cfg.progress)
         stats = scorer.score(job.pending, progress, handle_signals=True)
         progress.close()
-        return stats, scorer.describe(), scorer.stop_signal
+        info, stop = scorer.describe(), scorer.stop_signal
     finally:
         scorer.close()
+    stats.pixel_cache = scorer.pixel_cache
+    return stats, info, stop

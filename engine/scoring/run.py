@@ -102,7 +102,13 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
         "parts_done_total": len(job.out.done_records(range(job.out.num_parts))),
         "success": success, "stopped": stopped is not None, "version": __version__,
     }
-    print(format_summary(summary), file=out)
+    text = format_summary(summary)
+    if stats.pixel_cache is not None:
+        from engine.evaluate import format_pixel_cache
+
+        summary["pixel_cache"] = stats.pixel_cache
+        text += "\n" + format_pixel_cache(stats.pixel_cache)
+    print(text, file=out)
     if stopped is not None:
         return summary, 128 + stopped
     if summary["parts_left"]:
@@ -111,7 +117,7 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
 
 
 def score_parser() -> argparse.ArgumentParser:
-    from engine.cli import add_model_args, add_pipeline_args, add_preprocess_args, positive_int
+    from engine.cli import add_model_args, add_pipeline_args, add_pixel_cache_args, add_preprocess_args, positive_int
 
     p = argparse.ArgumentParser(
         prog="run-score", allow_abbrev=False,
@@ -145,6 +151,7 @@ def score_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_preprocess_args(p)
     add_pipeline_args(p)
+    add_pixel_cache_args(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -157,6 +164,7 @@ def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] 
     from engine.scoring.manifest import ManifestError, ShardError
     from engine.pipeline.pool import PoolError
     from engine.report.output import write_json
+    from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError
 
     p = score_parser()
@@ -179,7 +187,7 @@ def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] 
     except OutputError as e:
         print(f"run-score: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except (BackendError, PoolError, RingError) as e:
+    except (BackendError, PoolError, RingError, PixelCacheError) as e:
         print(f"run-score: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:
