@@ -28,7 +28,7 @@ from engine.procs import usable_cores
 from engine.report.profile import breakdown
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.pipeline.ring import Ring
-from engine.pipeline.sources import PoolSource
+from engine.pipeline.encoded import make_ring, make_source
 from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
 from engine.report.trace import write_trace
 
@@ -153,6 +153,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
                              backend_info.get("backend", cfg.backend), usable_cores()),
         "decode_mode": cfg.preprocess.decode,
+        # --decode device: the GPU decoder as a stage (images, seconds, rate, routes, host share)
+        "device_decode": backend_info.get("device_decode"),
         "decoder": _decoder(cfg.preprocess.decode),
         "autotune": tuning or {},  # --workers auto / --batch-size auto: choices and reasons
         "per_class": metrics.per_class(ds.class_names),
@@ -185,7 +187,7 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
 
         progress = Progress(len(ds), cfg.progress)
         state["stats"] = PipelineStats()
-        source = PoolSource(pool, ring, cfg.batch_size if backend.static_shape else 0)
+        source = make_source(pool, ring, backend, cfg, cfg.batch_size if backend.static_shape else 0)
         await run_pipeline(source, backend, len(ds), cfg.batch_size, cfg.inflight, reduce, progress,
                            stats=state["stats"])
         progress.close()
@@ -213,7 +215,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
             backend.auto_reason = auto_reason
         else:
             backend.prepare(cfg.batch_size)
-        ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+        ring = make_ring(cfg)  # with a byte arena for --decode device
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
         signals = StopSignals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
@@ -263,4 +265,6 @@ def _decoder(mode: str) -> str:
     """What decodes JPEGs in `mode` (the workers load the same libraries as this process)."""
     from preprocess.decode import decoder
 
+    if mode == "device":  # the backend's report names the device decoder (backend.jpeg_decoder)
+        return "JPEGs the device decoder takes: on the device; the rest by the workers, exact: " + decoder("exact")
     return decoder(mode)
