@@ -475,3 +475,64 @@ def test_device_source_feeds_the_tuner_and_sets_the_share():
         assert tuner.host_n == 2 and abs(tuner.host_s - 0.020) < 1e-12
         assert tuner.read_n == 1 and abs(tuner.read_s - 0.001) < 1e-12
         batch.release()
+
+
+# ---------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_decode_is_close_to_the_cpu_decoder_and_exact():
+    """nvJPEG + the tensor resize on the GPU against the same code on the CPU and against exact mode."""
+    datas = [_jpeg(w, h, seed=w) for w, h in ((500, 375), (375, 500), (640, 480), (300, 300), (1024, 683))]
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    gpu = torch.zeros((len(datas), 224, 224, 3), dtype=torch.uint8, device="cuda")
+    cpu = torch.zeros((len(datas), 224, 224, 3), dtype=torch.uint8)
+    rows = list(range(len(datas)))
+    assert not decode_into(TorchvisionDecoder(torch.device("cuda")), tensors, gpu, rows, 256, "bilinear")
+    assert not decode_into(TorchvisionDecoder(CPU), tensors, cpu, rows, 256, "bilinear")
+    exact = np.stack([_exact(d) for d in datas]).astype(int)
+    g = gpu.cpu().numpy().astype(int)
+    for ref in (cpu.numpy().astype(int), exact):
+        d = np.abs(g - ref)
+        assert d.mean() < 1.5 and np.percentile(d, 99) <= 8, (d.mean(), np.percentile(d, 99), d.max())
+
+
+@needs_cuda
+def test_cuda_decoder_waits_for_queued_work_first(monkeypatch):
+    """pytorch/vision PR 9606: when the decoder starts, no work queued on the stream is pending."""
+    dec = TorchvisionDecoder(torch.device("cuda"))
+    seen = []
+    inner = dec._decode
+
+    def spy(*args, **kw):
+        seen.append(torch.cuda.current_stream().query())
+        return inner(*args, **kw)
+
+    dec._decode = spy
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        a = a @ a  # queued work, still running when decode is called
+        a = a / a.norm()
+    dec.decode([torch.frombuffer(bytearray(_jpeg(64, 48)), dtype=torch.uint8)] * 2)
+    assert seen and all(seen), seen
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_run_eval_device_decode(monkeypatch, mixed_set, model_ts, graphs):
+    """The real cuda backend with --decode device: every image counted once, exact mode's failures,
+    top-1 within the decoders' noise, slots reused (2 ring slots, 5 batches), the decode stage timed."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    exact = resolve_config("tiny", {"resize": SIDE, "crop": SIDE}, ts=model_ts, data=mixed_set, backend="cpu",
+                           precision="fp32", batch_size=8, workers=2, progress=False, compute_only_iters=1)
+    ref, _ = _eval(monkeypatch, exact, None)
+    got, status = _eval(monkeypatch, _cfg(model_ts, mixed_set, ring_slots=2, cuda_graphs=graphs), None)
+    assert status == 1 and got["images"] == ref["images"] == 38 and got["failed"] == 2
+    assert sorted(f["reason"] for f in got["failures"]) == sorted(f["reason"] for f in ref["failures"])
+    assert abs(got["correct_top1"] - ref["correct_top1"]) <= 2
+    dd = got["device_decode"]
+    assert dd["device_images"] > 0 and dd["timing"] == "device events on the decode stream"
+    assert got["backend"]["jpeg_decoder"]["device"].startswith("cuda")
