@@ -25,10 +25,10 @@ from engine.pipeline.autotune import autotune
 from engine.report.metrics import Metrics
 from engine.pipeline.pool import WorkerPool
 from engine.procs import usable_cores
-from engine.report.profile import breakdown
+from engine.report.profile import breakdown, with_device_decode
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.pipeline.ring import Ring
-from engine.pipeline.encoded import make_ring, make_source
+from engine.pipeline.encoded import check_backend, make_ring, make_source
 from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
 from engine.report.trace import write_trace
 
@@ -150,8 +150,10 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
             "worker_deaths": [{"worker": w, "how": h, "path": p} for w, h, p in (pool.deaths if pool else [])],
         },
         # stage partition of the wall time, decode vs device capacity, verdict (engine/report/profile.py)
-        "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
-                             backend_info.get("backend", cfg.backend), usable_cores()),
+        "profile": with_device_decode(
+            breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
+                      backend_info.get("backend", cfg.backend), usable_cores()),
+            backend_info.get("device_decode")),
         "decode_mode": cfg.preprocess.decode,
         # --decode device: the GPU decoder as a stage (images, seconds, rate, routes, host share)
         "device_decode": backend_info.get("device_decode"),
@@ -208,6 +210,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     t0 = time.monotonic()
     try:
         backend = create_backend(cfg)
+        check_backend(cfg, backend)  # --decode device: before the model loads
         cfg = cfg.replace(backend=backend.name)
         if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
             auto_reason = backend.auto_reason

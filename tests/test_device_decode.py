@@ -536,3 +536,21 @@ def test_cuda_run_eval_device_decode(monkeypatch, mixed_set, model_ts, graphs):
     dd = got["device_decode"]
     assert dd["device_images"] > 0 and dd["timing"] == "device events on the decode stream"
     assert got["backend"]["jpeg_decoder"]["device"].startswith("cuda")
+
+
+def test_profile_names_the_device_decoder_when_it_is_the_bound():
+    from engine.report.profile import with_device_decode
+
+    def prof(ratio):
+        return {"device_capacity": 10000.0, "ratio": ratio, "per_batch": {"batches": 10}, "bound": "copy",
+                "verdict": "copy-bound"}
+
+    dd = {"device_images": 900, "host_images": 100, "device_decode_img_per_s": 4500.0,
+          "host_share": {"share": 0.05}}
+    p = with_device_decode(prof(0.5), dd)
+    assert p["bound"] == "device-decode" and "5,000 img/s in all" in p["verdict"]
+    assert abs(p["device_decode"]["capacity"] - 5000.0) < 1e-6
+    fast = dict(dd, device_decode_img_per_s=45000.0)
+    assert with_device_decode(prof(0.5), fast)["bound"] == "copy"  # the decoder keeps up: not it
+    assert with_device_decode(prof(0.97), dd)["bound"] == "copy"  # device-bound already
+    assert with_device_decode(prof(0.5), None)["bound"] == "copy"

@@ -132,6 +132,15 @@ def make_ring(cfg, batch_size: int = 0) -> Ring:
     return Ring(cfg.slots, batch, cfg.preprocess.shape, arena=arena)
 
 
+def check_backend(cfg, backend) -> None:
+    """Refuse `--decode device` at once (before the model loads) on a backend that cannot decode JPEGs."""
+    if cfg.preprocess.decode == "device" and not getattr(backend, "decodes_jpeg", False):
+        from engine.backends.base import BackendError
+
+        raise BackendError(f"--decode device needs --backend cuda (the GPU decodes the JPEGs), "
+                           f"not {getattr(backend, 'name', backend)}")
+
+
 def make_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int = 0) -> Source:
     """The decode pool's source: a `DeviceDecodeSource` for `--decode device`, else `PoolSource`.
     Device decode needs a backend that decodes JPEGs (cuda); the ring's control words get the
@@ -141,9 +150,9 @@ def make_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int = 0) -> 
     from engine.backends.base import BackendError
     from preprocess.jpeghead import KIND_BITS
 
-    if not getattr(backend, "decodes_jpeg", False) or getattr(backend, "jpeg", None) is None:
-        raise BackendError(f"--decode device needs --backend cuda (the GPU decodes the JPEGs), "
-                           f"not {getattr(backend, 'name', backend)}")
+    check_backend(cfg, backend)
+    if getattr(backend, "jpeg", None) is None:
+        raise BackendError(f"--decode device: the {backend.name} backend was not prepared for it")
     ring.control[CTRL_KINDS] = sum(KIND_BITS[k] for k in backend.jpeg.kinds)
     ring.control[CTRL_MAX_PIXELS] = DEVICE_MAX_PIXELS
     share = None if cfg.host_decode_share < 0 else cfg.host_decode_share
