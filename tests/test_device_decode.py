@@ -477,6 +477,29 @@ def test_device_source_feeds_the_tuner_and_sets_the_share():
         batch.release()
 
 
+def test_pixel_agreement_on_synthetic_imagenet_like_images(mixed_set):
+    """bench/device_decode_agreement.py's pairing on engine.synthetic images: the device-routed
+    images' pixels (torchvision's CPU decoder + tensor resize) against exact mode, and a
+    classifier's top-1 (the proxy: fast, deterministic) unchanged."""
+    from bench.device_decode_agreement import measure, preprocess_pair
+    from engine.pipeline.dataset import build_dataset
+    from engine.report.agreement import proxy
+
+    ds = build_dataset(mixed_set)
+    paths = [ds.abspath(i) for i in range(len(ds))]
+    diffs, routes = [], []
+    for idx, exact, dev, route in preprocess_pair(paths, "cpu", batch=16):
+        on = route == jh.ROUTE_DEVICE
+        assert np.array_equal(exact[~on], dev[~on])  # host-routed: exact mode's pixels
+        diffs.append(np.abs(exact[on].astype(int) - dev[on].astype(int)))
+        routes.extend(route.tolist())
+    d = np.concatenate(diffs)
+    assert len(routes) == 38 and routes.count(jh.ROUTE_DEVICE) >= 25
+    assert d.mean() < 0.5 and d.max() <= 8, (d.mean(), d.max())
+    r = measure(paths, proxy(), "cpu", batch=16)
+    assert r["images"] == 38 and r["agreement_pct"] >= 97.0 and r["pixel_mean_abs_diff"] == pytest.approx(d.mean())
+
+
 # ---------------------------------------------------------------- on a GPU (skipped without CUDA)
 
 HAS_CUDA = torch.cuda.is_available()
