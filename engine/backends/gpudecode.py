@@ -30,6 +30,7 @@ Known traps, each guarded here:
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -274,6 +275,7 @@ class DecodeMeter:
         self.routes: Dict[int, int] = {}
         self.timing = "none"
         self.tuner = None  # engine.pipeline.encoded.HostShareTuner, fed the device's rate
+        self._lock = threading.Lock()  # result() runs in several executor threads
 
     def add(self, job) -> None:
         start, end, host_s, n_dev, n_host, route, ok = job.decode_timing
@@ -283,14 +285,15 @@ class DecodeMeter:
                 seconds, self.timing = start.elapsed_time(end) / 1000.0, "device events on the decode stream"
             except Exception:
                 pass
-        self.batches += 1
-        self.device_images += n_dev
-        self.host_images += n_host
-        self.device_s += seconds
-        for code in route[ok].tolist():
-            self.routes[code] = self.routes.get(code, 0) + 1
-        if self.tuner is not None and n_dev:
-            self.tuner.observe_device(seconds, n_dev)
+        with self._lock:
+            self.batches += 1
+            self.device_images += n_dev
+            self.host_images += n_host
+            self.device_s += seconds
+            for code in route[ok].tolist():
+                self.routes[code] = self.routes.get(code, 0) + 1
+            if self.tuner is not None and n_dev:
+                self.tuner.observe_device(seconds, n_dev)
 
     def report(self) -> Dict:
         from preprocess.jpeghead import ROUTE_NAMES
