@@ -477,6 +477,29 @@ def test_device_source_feeds_the_tuner_and_sets_the_share():
         batch.release()
 
 
+def test_run_score_device_decode(monkeypatch, mixed_set, model_ts, tmp_path):
+    """run-score --decode device (the cuda backend's code on the CPU): a row for every image, the
+    corrupt files as error rows with exact mode's reasons."""
+    import engine.backends
+    from engine.scoring.run import run_score_main
+    from tests.test_score import read_rows
+
+    monkeypatch.setattr(engine.backends, "create_backend", lambda c: DecodeMirror(c))
+    common = ["--data", mixed_set, "--ts", model_ts, "--backend", "cuda", "--precision", "fp32", "--resize",
+              str(SIDE), "--crop", str(SIDE), "--batch-size", "8", "--workers", "2", "--format", "jsonl",
+              "--part-size", "16", "--no-progress"]
+    status = run_score_main(common + ["--out", str(tmp_path / "dev"), "--decode", "device"])
+    assert status == 1  # two files failed
+    rows = {r["path"]: r for r in read_rows(str(tmp_path / "dev"))}
+    assert len(rows) == 40
+    errors = {p: r["error"] for p, r in rows.items() if r["error"]}
+    assert sorted(os.path.basename(p) for p in errors) == ["zz_empty.JPEG", "zz_trunc.JPEG"]
+    monkeypatch.setattr(engine.backends, "create_backend", lambda c: CpuMirror(c))
+    assert run_score_main(common + ["--out", str(tmp_path / "exact"), "--decode", "exact"]) == 1
+    exact = {r["path"]: r for r in read_rows(str(tmp_path / "exact"))}
+    assert {p: r["error"] for p, r in exact.items() if r["error"]} == errors
+    same = sum(rows[p]["topk_index"] == exact[p]["topk_index"] for p in rows if not rows[p]["error"])
+    assert same >= 36  # of 38: the device path's pixels differ by a level here and there
 def test_pixel_agreement_on_synthetic_imagenet_like_images(mixed_set):
     """bench/device_decode_agreement.py's pairing on engine.synthetic images: the device-routed
     images' pixels (torchvision's CPU decoder + tensor resize) against exact mode, and a
