@@ -500,6 +500,8 @@ def test_run_score_device_decode(monkeypatch, mixed_set, model_ts, tmp_path):
     assert {p: r["error"] for p, r in exact.items() if r["error"]} == errors
     same = sum(rows[p]["topk_index"] == exact[p]["topk_index"] for p in rows if not rows[p]["error"])
     assert same >= 36  # of 38: the device path's pixels differ by a level here and there
+
+
 def test_pixel_agreement_on_synthetic_imagenet_like_images(mixed_set):
     """bench/device_decode_agreement.py's pairing on engine.synthetic images: the device-routed
     images' pixels (torchvision's CPU decoder + tensor resize) against exact mode, and a
