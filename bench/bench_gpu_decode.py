@@ -6,7 +6,8 @@ Device: the files' bytes are read into memory once; per batch, `JpegDecoder.deco
 `decode_jpeg`, nvJPEG on CUDA) then `resize_crop_into` for each image into a uint8 [B, 224, 224, 3]
 batch on the device (engine/backends/gpudecode.py, the code `--decode device` runs), ending
 synchronised; img/s over the JPEGs the device path takes (the others go to the host and are counted
-apart). Also the decode call alone, to show what the resize costs.
+apart). With both resizes (`--device-resize pil`, the default, and `tensor`), and the decode call
+alone, to show what the resize costs.
 Host: the decode pool (all `--workers`) on the same files through the simulated backend with no
 device time (bench/_common.run_pool): exact and fast mode img/s, the workers' start included (a
 second or so of a run of `--limit` files).
@@ -31,7 +32,8 @@ if ROOT not in sys.path:
 from bench._common import result_block, run_pool  # noqa: E402
 
 
-def device_rate(datas, device: str, batch: int, seconds: float = 3.0, resize=256, crop=224, with_resize=True):
+def device_rate(datas, device: str, batch: int, seconds: float = 3.0, resize=256, crop=224, with_resize=True,
+                method: str = "pil"):
     """img/s of decode (+ resize + crop) on `device`, batches of `batch`, for about `seconds`."""
     import torch
 
@@ -48,7 +50,7 @@ def device_rate(datas, device: str, batch: int, seconds: float = 3.0, resize=256
     def one(lo):
         chunk = [tensors[(lo + j) % len(tensors)] for j in range(batch)]
         if with_resize:
-            failed = decode_into(decoder, chunk, out, list(range(batch)), resize, "bilinear")
+            failed = decode_into(decoder, chunk, out, list(range(batch)), resize, "bilinear", method)
             assert not failed, failed[:3]
         else:
             decoder.decode(chunk)
@@ -92,11 +94,13 @@ def main(argv=None) -> int:
           f"(progressive, grayscale, CMYK, ...)")
     rows = []
     for b in [int(x) for x in a.batch_sizes.split(",")]:
-        full = device_rate(datas, a.device, b, a.seconds)
+        full = device_rate(datas, a.device, b, a.seconds, method="pil")
+        tensor = device_rate(datas, a.device, b, a.seconds / 2, method="tensor")
         alone = device_rate(datas, a.device, b, a.seconds / 2, with_resize=False)
-        rows.append({"batch": b, "decode_resize_crop_img_per_s": full, "decode_only_img_per_s": alone})
-        print(f"  {a.device} batch {b:4d}: decode+resize+crop {full:9,.0f} img/s   decode alone {alone:9,.0f} img/s",
-              flush=True)
+        rows.append({"batch": b, "decode_resize_crop_img_per_s": full, "decode_tensor_resize_crop_img_per_s": tensor,
+                     "decode_only_img_per_s": alone})
+        print(f"  {a.device} batch {b:4d}: decode+resize+crop {full:9,.0f} img/s (pil resize; tensor resize "
+              f"{tensor:,.0f})   decode alone {alone:9,.0f} img/s", flush=True)
     host = {}
     if not a.no_host:
         for mode in ("exact", "fast"):

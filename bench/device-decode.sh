@@ -8,7 +8,8 @@
 #   4. bench/bench_gpu_decode.py: GPU decode rate alone (decode + resize + crop, no model) per batch
 #      size, beside the host pool's rate (exact, fast; $WORKERS workers) on the same $RATE_FILES files
 #   5. bench/device_decode_agreement.py --device cuda: top-1 agreement of the nvJPEG path against
-#      exact mode ($AGREE images; the pretrained EfficientNet-Lite0 where its wheel is installed)
+#      exact mode ($AGREE images; the pretrained EfficientNet-Lite0 where its wheel is installed),
+#      with the pil resize (the default) and the tensor resize
 #   6. run-eval $MODEL $PRECISION batch $BATCH, $WORKERS workers, on all $IMAGES images, with
 #      --decode exact, fast and device: end to end and compute-only from the same run; then
 #      run-bench --e2e with --decode device on $E2E_LIMIT images (the run-bench path)
@@ -77,9 +78,13 @@ step "GPU decode rate alone per batch size, host pool beside it ($RATE_FILES fil
 "$PY" bench/bench_gpu_decode.py --data "$DATA" --limit "$RATE_FILES" --device cuda --batch-sizes 32,64,128,256 \
     --seconds 3 --workers "$WORKERS" 2>&1 | tee "$OUT/gpu_decode.txt" || echo "bench_gpu_decode FAILED"
 
-step "top-1 agreement, nvJPEG path vs exact ($AGREE images)"
-"$PY" bench/device_decode_agreement.py --data "$DATA" --images "$AGREE" --device cuda --batch 128 \
-    --json "$OUT/agreement.json" || echo "agreement below the gate, or FAILED"
+for method in pil tensor; do
+    step "top-1 agreement, nvJPEG path ($method resize) vs exact ($AGREE images)"
+    "$PY" bench/device_decode_agreement.py --data "$DATA" --images "$AGREE" --device cuda --batch 128 \
+        --resize-method "$method" --json "$WORK/agreement-$method.json" || echo "agreement below the gate, or FAILED"
+done
+"$PY" -c 'import json, sys; json.dump({m: json.load(open(f"{sys.argv[1]}/agreement-{m}.json")) for m in ("pil", "tensor")},
+    open(sys.argv[2], "w"), indent=1)' "$WORK" "$OUT/agreement.json" || true
 
 for mode in exact fast device; do
     step "run-eval $MODEL $PRECISION batch $BATCH, $WORKERS workers, --decode $mode, $IMAGES images"

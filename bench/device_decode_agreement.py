@@ -7,9 +7,9 @@ workers would); one classifier scores both preprocessings; the figure is the sha
 top-1 class is unchanged (gate: at least 99.5 %), with the mean and max absolute pixel difference
 over the device-decoded images.
 
-    --device cpu   torchvision's CPU decode_jpeg (libjpeg) + the tensor resize: what CI can measure.
+    --device cpu   torchvision's CPU decode_jpeg (libjpeg-turbo) + the device path's resize: what CI can measure.
                    The device's own IDCT and chroma upsampling (nvJPEG) are NOT measured this way.
-    --device cuda  the real path: nvJPEG (torchvision decode_jpeg on the GPU) + the tensor resize on the GPU.
+    --device cuda  the real path: nvJPEG (torchvision decode_jpeg on the GPU) + the resize on the GPU.
 
 The classifier is the pretrained EfficientNet-Lite0 from its PyPI wheels where installed, else the
 proxy of engine/report/agreement.py (the output says which). Data: --data DIR (any image folder),
@@ -34,7 +34,8 @@ if ROOT not in sys.path:
 GATE_PCT = 99.5
 
 
-def preprocess_pair(paths, device: str, resize=256, crop=224, interpolation="bilinear", batch: int = 64):
+def preprocess_pair(paths, device: str, resize=256, crop=224, interpolation="bilinear", batch: int = 64,
+                    method: str = "pil"):
     """Yield (indices, exact uint8 [n, crop, crop, 3], device-path uint8 [n, ...], routes [n]) per batch;
     images exact mode fails on are left out (they fail the same way on the device path)."""
     import torch
@@ -65,7 +66,7 @@ def preprocess_pair(paths, device: str, resize=256, crop=224, interpolation="bil
         dev = torch.from_numpy(exact_px.copy()).to(device)  # host-routed rows: exact, as the workers do
         rows = [j for j, r in enumerate(routes) if r == ROUTE_DEVICE]
         tensors = [torch.frombuffer(bytearray(datas[j]), dtype=torch.uint8) for j in rows]
-        failed = decode_into(decoder, tensors, dev, rows, resize, interpolation)
+        failed = decode_into(decoder, tensors, dev, rows, resize, interpolation, method)
         for j, why in failed:  # the backend decodes these on the host in exact mode: already there
             routes[j] = -1
         yield np.array(idx), exact_px, dev.cpu().numpy(), np.array(routes)
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="images to use (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu (torchvision's CPU decoder, CI) or cuda (nvJPEG)")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resize-method", choices=("pil", "tensor"), default="pil",
+                   help="the device path's resize: pil (Pillow's arithmetic, --device-resize pil, the default) or "
+                        "tensor (torchvision's antialiased float resize)")
     p.add_argument("--proxy", action="store_true", help="use the proxy classifier even if the pretrained one is there")
     p.add_argument("--json", metavar="PATH", help="also write the result here")
     a = p.parse_args(argv)
@@ -132,12 +136,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    r = measure(paths, model, a.device, batch=a.batch)
-    r.update(model=description, device=a.device, data=data,
-             decoder=("torchvision decode_jpeg on the CPU (libjpeg) + tensor resize: nvJPEG itself not measured"
-                      if a.device == "cpu" else "torchvision decode_jpeg on the GPU (nvJPEG) + tensor resize"))
+    r = measure(paths, model, a.device, batch=a.batch, method=a.resize_method)
+    r.update(model=description, device=a.device, data=data, resize_method=a.resize_method,
+             decoder=("torchvision decode_jpeg on the CPU (libjpeg-turbo): nvJPEG itself not measured"
+                      if a.device == "cpu" else "torchvision decode_jpeg on the GPU (nvJPEG)"))
     print(f"--decode device vs exact on {r['images']} images ({r['device_decoded']} decoded by the device path), "
-          f"{a.device}, {description}:")
+          f"{a.device}, resize {a.resize_method}, {description}:")
     print(f"  top-1 agreement {r['agreement_pct']:.2f}% ({r['changed']} changed; gate {GATE_PCT}%: "
           f"{'pass' if r['passes'] else 'FAIL'}); pixels: mean |diff| {r['pixel_mean_abs_diff']:.3f}, "
           f"max {r['pixel_max_abs_diff']}")

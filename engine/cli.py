@@ -104,6 +104,10 @@ def add_device_decode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-arena-kib", type=positive_int, default=256, metavar="KIB",
                    help="compressed bytes per image in a ring slot; a larger file is decoded by the workers "
                         "(default: %(default)s)")
+    g.add_argument("--device-resize", choices=("pil", "tensor"), default="pil",
+                   help="pil: Pillow's fixed-point resampling computed on the GPU for the crop (exact mode's "
+                        "pixels from the same decoded image); tensor: torchvision's antialiased float resize "
+                        "(within one level of Pillow's) (default: %(default)s)")
 
 
 def positive_int_or_auto(text: str) -> int:
@@ -170,6 +174,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         max_image_pixels=getattr(a, "max_image_pixels", None), image_timeout=getattr(a, "image_timeout", 120.0),
         sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
         host_decode_share=getattr(a, "host_decode_share", -1.0), decode_arena_kib=getattr(a, "decode_arena_kib", 256),
+        device_resize=getattr(a, "device_resize", "pil"),
     )
     fields.update(extra)
     return resolve_config(a.model, overrides, **fields)

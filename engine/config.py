@@ -125,6 +125,7 @@ class RunConfig:
     host_decode_share: float = -1.0  # share of device-decodable JPEGs the workers decode; -1: auto
     decode_arena_kib: int = 256  # compressed bytes per image in a ring slot's arena
     jpeg_decoder: str = "torchvision"  # the device decoder behind gpudecode.JpegDecoder
+    device_resize: str = "pil"  # pil: Pillow's fixed-point arithmetic on tensors; tensor: torchvision's float resize
 
     def __post_init__(self):
         if self.batch_size < 0:
@@ -153,6 +154,8 @@ class RunConfig:
             raise ConfigError(f"--image-timeout must be positive (got {self.image_timeout})")
         if not (self.host_decode_share == -1.0 or 0.0 <= self.host_decode_share <= 1.0):
             raise ConfigError(f"--host-decode-share must be between 0 and 1, or auto (got {self.host_decode_share})")
+        if self.device_resize not in ("pil", "tensor"):
+            raise ConfigError(f"--device-resize {self.device_resize!r} is not one of pil, tensor")
         if self.decode_arena_kib < 4:
             raise ConfigError(f"--decode-arena-kib must be at least 4 (got {self.decode_arena_kib})")
         if self.weights is not None and self.ts is not None:

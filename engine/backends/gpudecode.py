@@ -30,6 +30,8 @@ Known traps, each guarded here:
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -134,23 +136,148 @@ def _filter(interpolation: str):
             "bicubic": InterpolationMode.BICUBIC}[interpolation]
 
 
-def resize_crop_into(img: torch.Tensor, out: torch.Tensor, resize, interpolation: str) -> None:
-    """Resize a `[3, h, w]` uint8 image's shorter side (or to an `(h, w)` pair) with antialiasing
-    and write its centre crop into `out` (`[crop_h, crop_w, 3]`, zeros where the crop pads):
-    exact mode's geometry (preprocess/geometry.py), torchvision's tensor resize."""
-    from torchvision.transforms.functional import resize as tv_resize
+#: how the device path resizes: "pil" (Pillow's fixed-point resampling, computed on tensors only for
+#: the crop) or "tensor" (torchvision's antialiased float resize of the whole image)
+RESIZE_METHODS = ("pil", "tensor")
 
+
+def resize_crop_into(img: torch.Tensor, out: torch.Tensor, resize, interpolation: str, method: str = "pil") -> None:
+    """Resize a `[3, h, w]` uint8 image's shorter side (or to an `(h, w)` pair) with antialiasing
+    and write its centre crop into `out` (`[crop_h, crop_w, 3]`, zeros where the crop pads), with
+    exact mode's geometry (preprocess/geometry.py). `method` "pil": Pillow's own arithmetic
+    (`pil_resample`), so the same decoded pixels give exact mode's crop bit for bit; "tensor":
+    torchvision's `resize(..., antialias=True)` (within one level of Pillow's)."""
     _, h, w = img.shape
     crop_h, crop_w = out.shape[0], out.shape[1]
     new_w, new_h = resized_size(w, h, resize)
-    if (new_w, new_h) != (w, h):  # torchvision returns the image untouched at the target size
-        img = tv_resize(img, [new_h, new_w], interpolation=_filter(interpolation), antialias=True)
     (left, top, right, bottom), (dx, dy) = crop_placement(new_w, new_h, crop_h, crop_w)
-    out[dy:dy + bottom - top, dx:dx + right - left].copy_(img[:, top:bottom, left:right].permute(1, 2, 0))
+    if (new_w, new_h) == (w, h):  # torchvision returns the image untouched at the target size
+        part = img[:, top:bottom, left:right]
+    elif method == "pil" and interpolation in PIL_FILTERS:
+        part = pil_resample(img, new_w, new_h, (left, top, right, bottom), interpolation)
+    else:
+        from torchvision.transforms.functional import resize as tv_resize
+
+        img = tv_resize(img, [new_h, new_w], interpolation=_filter(interpolation), antialias=True)
+        part = img[:, top:bottom, left:right]
+    out[dy:dy + bottom - top, dx:dx + right - left].copy_(part.permute(1, 2, 0))
+
+
+# ---- Pillow's resampling (libImaging/Resample.c), on tensors -----------------------------------
+# Pillow resizes in two passes, horizontal then vertical, each with per-output-pixel coefficients
+# in 22-bit fixed point, an int32 accumulator starting at 1 << 21 and a clip to 0..255 after each
+# pass. The coefficients are computed here in float64 in the same order as the C code (so they are
+# the same numbers), and each pass is a gather of the taps and an integer multiply-add: the same
+# integers, so the same pixels. Only the rows and columns the centre crop keeps are computed.
+
+PRECISION_BITS = 32 - 8 - 2
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+PIL_FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
+
+
+@functools.lru_cache(maxsize=8192)
+def pil_coefficients(in_size: int, out_size: int, interpolation: str) -> Tuple[np.ndarray, np.ndarray, int]:
+    """(first source index [out], fixed-point weights [out, ksize], fraction bits) of Pillow's
+    `precompute_coeffs` and `normalize_coeffs_8bpc` for a whole axis (box 0..in_size); pillow-simd's
+    variant (int16 weights, as many bits as the largest weight leaves) where that is installed."""
+    filt, base = PIL_FILTERS[interpolation]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = base * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    ss = 1.0 / filterscale
+    center = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize)
+    w = filt(((taps[None, :] + xmin[:, None]) - center[:, None] + 0.5) * ss)
+    w[taps[None, :] >= xmax[:, None]] = 0.0
+    ww = np.zeros(out_size)
+    for t in range(ksize):  # the C code's order of summation
+        ww += w[:, t]
+    w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
+    bits = PRECISION_BITS
+    if _pillow_simd():  # int16 coefficients: the most bits the largest coefficient leaves (normalize_coeffs_8bpc)
+        maxkk = w.reshape(-1)[0]
+        for v in w.reshape(-1):
+            if maxkk < v:
+                maxkk = v
+        for bits in range(PRECISION_BITS + 1):
+            if bits == PRECISION_BITS or int(0.5 + maxkk * (1 << (bits + 1))) >= (1 << 15):
+                break
+    one = float(1 << bits)
+    fixed = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)).astype(np.int64)
+    return xmin, fixed, bits
+
+
+@functools.lru_cache(maxsize=1)
+def _pillow_simd() -> bool:
+    """Whether this process's Pillow is pillow-simd (16-bit coefficients, their own precision)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return False
+    try:
+        distribution("pillow-simd")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def _taps(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, device) -> Tuple[torch.Tensor, ...]:
+    """Source indices and weights of outputs lo..hi, trimmed to the taps any of them uses."""
+    xmin, fixed, bits = pil_coefficients(in_size, out_size, interpolation)
+    xmin, fixed = xmin[lo:hi], fixed[lo:hi]
+    used = np.flatnonzero(fixed.any(axis=0))
+    k = int(used[-1]) + 1 if len(used) else 1
+    idx = np.minimum(xmin[:, None] + np.arange(k)[None, :], in_size - 1)  # zero weights past the edge
+    return (torch.from_numpy(idx).to(device, non_blocking=True),
+            torch.from_numpy(fixed[:, :k].astype(np.int32)).to(device, non_blocking=True), bits)
+
+
+def _clip8(acc: torch.Tensor, bits: int) -> torch.Tensor:
+    return ((acc + (1 << (bits - 1))) >> bits).clamp_(0, 255).to(torch.uint8)
+
+
+def pil_resample(img: torch.Tensor, new_w: int, new_h: int, box: Tuple[int, int, int, int],
+                 interpolation: str) -> torch.Tensor:
+    """The `box` (left, top, right, bottom, in resized coordinates) of Pillow's
+    `img.resize((new_w, new_h), filter)` for a `[C, h, w]` uint8 tensor, as `[C, bottom - top, right - left]`."""
+    _, h, w = img.shape
+    left, top, right, bottom = box
+    dev = img.device
+    if new_h != h:
+        ridx, rw, rbits = _taps(h, new_h, interpolation, top, bottom, dev)
+        first, last = int(pil_coefficients(h, new_h, interpolation)[0][top]), int(ridx.max()) + 1
+        rows = img[:, first:last]
+        ridx = ridx - first
+    else:
+        rows, ridx, rw = img[:, top:bottom], None, None
+    if new_w != w:  # horizontal pass first, as Pillow: [C, R, n, k] taps
+        cidx, cw, cbits = _taps(w, new_w, interpolation, left, right, dev)
+        rows = _clip8((rows[:, :, cidx].to(torch.int32) * cw).sum(-1, dtype=torch.int32), cbits)
+    else:
+        rows = rows[:, :, left:right]
+    if ridx is not None:  # then vertical: [C, n, k, W] taps
+        rows = _clip8((rows[:, ridx, :].to(torch.int32) * rw[:, :, None]).sum(2, dtype=torch.int32), rbits)
+    return rows
 
 
 def decode_into(decoder: JpegDecoder, datas: Sequence[torch.Tensor], out: torch.Tensor, rows: Sequence[int],
-                resize, interpolation: str) -> List[Tuple[int, str]]:
+                resize, interpolation: str, method: str = "pil") -> List[Tuple[int, str]]:
     """Decode `datas` (one per entry of `rows`) and resize-crop each into `out[row]`. Returns
     `(row, why)` for each image the decoder failed on (their rows are left untouched)."""
     failed: List[Tuple[int, str]] = []
@@ -172,7 +299,7 @@ def decode_into(decoder: JpegDecoder, datas: Sequence[torch.Tensor], out: torch.
         if img.dim() != 3 or img.shape[0] != 3:
             failed.append((row, f"the decoder gave a {tuple(img.shape)} image, not [3, H, W]"))
             continue
-        resize_crop_into(img, out[row], resize, interpolation)
+        resize_crop_into(img, out[row], resize, interpolation, method)
     return failed
 
 
@@ -212,7 +339,8 @@ def submit_encoded(backend, batch):
         x = torch.zeros((rows, h, w, c), dtype=torch.uint8, device=backend.device)
         for r in on_host.tolist():
             x[r].copy_(torch.from_numpy(batch.pixels[r]), non_blocking=True)
-        bad = decode_into(backend.jpeg, datas, x, on_device.tolist(), spec.resize, spec.interpolation)
+        bad = decode_into(backend.jpeg, datas, x, on_device.tolist(), spec.resize, spec.interpolation,
+                          backend.config.device_resize)
         for r, why in bad:  # the device decoder failed: exact mode on the host, from the same bytes
             data = bytes(batch.arena[batch.offsets[r]:batch.offsets[r] + batch.lengths[r]])
             try:
