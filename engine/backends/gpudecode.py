@@ -238,14 +238,21 @@ def _pillow_simd() -> bool:
 
 
 def _taps(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, device) -> Tuple[torch.Tensor, ...]:
-    """Source indices and weights of outputs lo..hi, trimmed to the taps any of them uses."""
+    """Source indices and weights of outputs lo..hi, trimmed to the taps any of them uses; kept on
+    the device per size (photos come in few sizes), so a batch does not copy them again."""
+    return _taps_on(in_size, out_size, interpolation, lo, hi, str(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _taps_on(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, device: str) -> Tuple[torch.Tensor, ...]:
     xmin, fixed, bits = pil_coefficients(in_size, out_size, interpolation)
     xmin, fixed = xmin[lo:hi], fixed[lo:hi]
     used = np.flatnonzero(fixed.any(axis=0))
     k = int(used[-1]) + 1 if len(used) else 1
     idx = np.minimum(xmin[:, None] + np.arange(k)[None, :], in_size - 1)  # zero weights past the edge
-    return (torch.from_numpy(idx).to(device, non_blocking=True),
-            torch.from_numpy(fixed[:, :k].astype(np.int32)).to(device, non_blocking=True), bits)
+    first, last = int(idx.min()), int(idx.max()) + 1  # the source span (no device sync to find it)
+    return (torch.from_numpy(idx - first).to(device), torch.from_numpy(fixed[:, :k].astype(np.int32)).to(device),
+            bits, first, last)
 
 
 def _clip8(acc: torch.Tensor, bits: int) -> torch.Tensor:
@@ -260,15 +267,13 @@ def pil_resample(img: torch.Tensor, new_w: int, new_h: int, box: Tuple[int, int,
     left, top, right, bottom = box
     dev = img.device
     if new_h != h:
-        ridx, rw, rbits = _taps(h, new_h, interpolation, top, bottom, dev)
-        first, last = int(pil_coefficients(h, new_h, interpolation)[0][top]), int(ridx.max()) + 1
+        ridx, rw, rbits, first, last = _taps(h, new_h, interpolation, top, bottom, dev)
         rows = img[:, first:last]
-        ridx = ridx - first
     else:
         rows, ridx, rw = img[:, top:bottom], None, None
     if new_w != w:  # horizontal pass first, as Pillow: [C, R, n, k] taps
-        cidx, cw, cbits = _taps(w, new_w, interpolation, left, right, dev)
-        rows = _clip8((rows[:, :, cidx].to(torch.int32) * cw).sum(-1, dtype=torch.int32), cbits)
+        cidx, cw, cbits, first, last = _taps(w, new_w, interpolation, left, right, dev)
+        rows = _clip8((rows[:, :, first:last][:, :, cidx].to(torch.int32) * cw).sum(-1, dtype=torch.int32), cbits)
     else:
         rows = rows[:, :, left:right]
     if ridx is not None:  # then vertical: [C, n, k, W] taps
