@@ -415,13 +415,12 @@ def test_submit_batch_uses_the_decoder_interface_and_falls_back_to_exact(model_t
     and host rows: one decode call for the device rows, the failing one decoded exactly on the host."""
     b = DecodeMirror(_cfg(model_ts))
     b.prepare(4)
-    b.jpeg = _Counting(CPU)
     good = _jpeg(90, 70, 1)
-    # a JPEG whose only difference from `good` libjpeg via torchvision refuses: a bad marker after EOI
-    # is hard to make portable, so use a decoder that refuses one image by its length instead
     calls = []
 
     class Picky(_Counting):
+        """Refuses the image one byte longer than `good` (a decoder failure Pillow does not share)."""
+
         def decode(self, datas):
             calls.append(len(datas))
             if any(len(d) == len(good) + 1 for d in datas):
