@@ -244,7 +244,7 @@ def _taps(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, dev
 
 
 @functools.lru_cache(maxsize=4096)
-def _taps_on(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, device: str) -> Tuple[torch.Tensor, ...]:
+def _taps_on(in_size: int, out_size: int, interpolation: str, lo: int, hi: int, device: str) -> Tuple:
     xmin, fixed, bits = pil_coefficients(in_size, out_size, interpolation)
     xmin, fixed = xmin[lo:hi], fixed[lo:hi]
     used = np.flatnonzero(fixed.any(axis=0))
@@ -273,11 +273,11 @@ def pil_resample(img: torch.Tensor, new_w: int, new_h: int, box: Tuple[int, int,
         rows, ridx, rw = img[:, top:bottom], None, None
     if new_w != w:  # horizontal pass first, as Pillow: [C, R, n, k] taps
         cidx, cw, cbits, first, last = _taps(w, new_w, interpolation, left, right, dev)
-        rows = _clip8((rows[:, :, first:last][:, :, cidx].to(torch.int32) * cw).sum(-1, dtype=torch.int32), cbits)
+        rows = _clip8((rows[:, :, first:last][:, :, cidx] * cw).sum(-1, dtype=torch.int32), cbits)
     else:
         rows = rows[:, :, left:right]
     if ridx is not None:  # then vertical: [C, n, k, W] taps
-        rows = _clip8((rows[:, ridx, :].to(torch.int32) * rw[:, :, None]).sum(2, dtype=torch.int32), rbits)
+        rows = _clip8((rows[:, ridx, :] * rw[:, :, None]).sum(2, dtype=torch.int32), rbits)
     return rows
 
 
