@@ -17,7 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-DECODE_MODES = ("exact", "fast")
+DECODE_MODES = ("exact", "fast", "device")  # device: JPEGs decoded on the GPU (engine/pipeline/encoded.py)
 BACKENDS = ("auto", "cpu", "sim", "cuda", "aie", "npu")
 PRECISIONS = ("fp32", "fp16", "bf16")
 SHAPES = ("static", "dynamic")
@@ -296,6 +296,11 @@ class RunConfig:
     json_path: Optional[str] = None
     trace_path: Optional[str] = None  # --trace: Chrome/Perfetto trace-event JSON of the run
     progress: bool = True
+    # --decode device (engine/pipeline/encoded.py, engine/backends/gpudecode.py)
+    host_decode_share: float = -1.0  # share of device-decodable JPEGs the workers decode; -1: auto
+    decode_arena_kib: int = 256  # compressed bytes per image in a ring slot's arena
+    jpeg_decoder: str = "torchvision"  # the device decoder behind gpudecode.JpegDecoder
+    device_resize: str = "pil"  # pil: Pillow's fixed-point arithmetic on tensors; tensor: torchvision's float resize
 
     def __post_init__(self):
         if self.batch_size < 0:
@@ -322,8 +327,17 @@ class RunConfig:
             raise ConfigError(f"--max-image-pixels must be at least 1 (got {self.max_image_pixels})")
         if self.image_timeout <= 0:
             raise ConfigError(f"--image-timeout must be positive (got {self.image_timeout})")
+        if not (self.host_decode_share == -1.0 or 0.0 <= self.host_decode_share <= 1.0):
+            raise ConfigError(f"--host-decode-share must be between 0 and 1, or auto (got {self.host_decode_share})")
+        if self.device_resize not in ("pil", "tensor"):
+            raise ConfigError(f"--device-resize {self.device_resize!r} is not one of pil, tensor")
+        if self.decode_arena_kib < 4:
+            raise ConfigError(f"--decode-arena-kib must be at least 4 (got {self.decode_arena_kib})")
         if self.weights is not None and self.ts is not None:
             raise ConfigError("give either --weights (a state dict) or --ts (TorchScript), not both")
+        if self.pixel_cache and self.preprocess.decode == "device":
+            raise ConfigError("--pixel-cache keeps host-decoded pixels and --decode device decodes on the GPU: "
+                              "use --pixel-cache with --decode exact or fast, or drop it")
 
     @property
     def slots(self) -> int:

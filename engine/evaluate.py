@@ -25,10 +25,11 @@ from engine.pipeline.autotune import autotune
 from engine.report.metrics import Metrics
 from engine.pipeline.pool import WorkerPool
 from engine.procs import usable_cores
-from engine.report.profile import breakdown
+from engine.report.profile import breakdown, with_device_decode
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.pipeline.ring import Ring
-from engine.pipeline.sources import CacheSource, PoolSource, Source
+from engine.pipeline.sources import CacheSource, Source
+from engine.pipeline.encoded import check_backend, make_ring, make_source
 from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
 from engine.report.trace import write_trace
 
@@ -150,9 +151,13 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
             "worker_deaths": [{"worker": w, "how": h, "path": p} for w, h, p in (pool.deaths if pool else [])],
         },
         # stage partition of the wall time, decode vs device capacity, verdict (engine/report/profile.py)
-        "profile": breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
-                             backend_info.get("backend", cfg.backend), usable_cores()),
+        "profile": with_device_decode(
+            breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
+                      backend_info.get("backend", cfg.backend), usable_cores()),
+            backend_info.get("device_decode")),
         "decode_mode": cfg.preprocess.decode,
+        # --decode device: the GPU decoder as a stage (images, seconds, rate, routes, host share)
+        "device_decode": backend_info.get("device_decode"),
         "decoder": _decoder(cfg.preprocess.decode),
         "autotune": tuning or {},  # --workers auto / --batch-size auto: choices and reasons
         "per_class": metrics.per_class(ds.class_names),
@@ -175,7 +180,7 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
     pad = cfg.batch_size if backend.static_shape else 0
     cache = state.get("cache")
     if cache is None:
-        source: Source = PoolSource(pool, ring, pad)
+        source: Source = make_source(pool, ring, backend, cfg, pad)  # the decode pool, pixels or bytes
     else:  # the workers start only if something must be decoded (engine/pipeline/sources.py)
         source = state["source"] = CacheSource(cache, ds, pool, ring, pad, ahead=cfg.slots,
                                                write=state.get("cache_write", True))
@@ -259,6 +264,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     t0 = time.monotonic()
     try:
         backend = create_backend(cfg)
+        check_backend(cfg, backend)  # --decode device: before the model loads
         cfg = cfg.replace(backend=backend.name)
         if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
             auto_reason = backend.auto_reason
@@ -266,7 +272,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
             backend.auto_reason = auto_reason
         else:
             backend.prepare(cfg.batch_size)
-        ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+        ring = make_ring(cfg)  # with a byte arena for --decode device
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
         signals = StopSignals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
@@ -326,4 +332,6 @@ def _decoder(mode: str) -> str:
     """What decodes JPEGs in `mode` (the workers load the same libraries as this process)."""
     from preprocess.decode import decoder
 
+    if mode == "device":  # the backend's report names the device decoder (backend.jpeg_decoder)
+        return "JPEGs the device decoder takes: on the device; the rest by the workers, exact: " + decoder("exact")
     return decoder(mode)

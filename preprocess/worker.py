@@ -168,8 +168,11 @@ def _inject(faults: List[Fault], path: str) -> None:
 
 
 def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: str,
-            max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None):
-    """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, path, traceback))."""
+            max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None, place=None):
+    """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, path, traceback)).
+
+    `place(data, row)`, where given, puts an image's bytes into the slot instead of decoding them
+    here (`--decode device`: `BytePlacer`); it raises what `preprocess_into` raises."""
     pixels, status, decode_ns = ring.pixels(slot), ring.status[slot], ring.decode_ns[slot]
     started = ring.started[slot]
     failures = []
@@ -181,7 +184,10 @@ def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: 
             if faults:
                 _inject(faults, path)
             data = read_file(path)
-            preprocess_into(data, pixels[row], resize, interpolation, mode, max_pixels=max_pixels)
+            if place is not None:
+                place(data, row)
+            else:
+                preprocess_into(data, pixels[row], resize, interpolation, mode, max_pixels=max_pixels)
         except DecodeError as e:
             status[row] = FAILED
             reason = str(e)
@@ -201,6 +207,54 @@ def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: 
             status[row] = OK
         decode_ns[row] = time.perf_counter_ns() - t
     return failures, None
+
+
+class BytePlacer:
+    """`--decode device`: a JPEG the device decoder takes goes into the slot's byte arena as it is
+    (offset, length, route DEVICE); anything else is decoded here in exact mode into its pixel row,
+    with the reason in `route` (preprocess/jpeghead.py). The chunk's rows own arena bytes
+    [lo * per_image, (hi + 1) * per_image) (NOTE in engine/pipeline/ring.py): images of one chunk
+    share that room, and one that does not fit any more is decoded here instead."""
+
+    def __init__(self, ring: Ring, slot: int, rows, resize: int, interpolation: str, max_pixels: int):
+        from engine.pipeline.ring import CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS
+
+        self.ring, self.slot, self.resize, self.interpolation = ring, slot, resize, interpolation
+        self.max_pixels = max_pixels
+        per = ring.arena_per_image
+        lo = min(r for r, _ in rows)
+        self.cursor, self.end = lo * per, (max(r for r, _ in rows) + 1) * per
+        # a redone job (its worker died) starts after the bytes its chunk's finished rows already hold
+        from preprocess.jpeghead import ROUTE_DEVICE
+
+        ends = ring.offsets[slot] + ring.lengths[slot]
+        held = (ring.status[slot] == OK) & (ring.route[slot] == ROUTE_DEVICE) & (ends > self.cursor) \
+            & (ring.offsets[slot] < self.end)
+        if held.any():
+            self.cursor = max(self.cursor, int(ends[held].max()))
+        control = ring.control
+        self.share = float(control[CTRL_HOST_SHARE])
+        self.kinds = int(control[CTRL_KINDS])
+        self.device_pixels = min(max_pixels, int(control[CTRL_MAX_PIXELS]) or max_pixels)
+
+    def __call__(self, data: bytes, row: int) -> None:
+        from preprocess.jpeghead import HOST_TOO_BIG, ROUTE_DEVICE, ROUTE_NONE, route
+
+        ring, slot = self.ring, self.slot
+        ring.route[slot, row] = ROUTE_NONE
+        where = route(data, self.kinds, self.device_pixels, self.share, int(ring.indices[slot, row]))
+        n = len(data)
+        if where == ROUTE_DEVICE and self.cursor + n > self.end:
+            where = HOST_TOO_BIG
+        if where == ROUTE_DEVICE:
+            ring.arena(slot)[self.cursor:self.cursor + n] = memoryview(data)
+            ring.offsets[slot, row], ring.lengths[slot, row] = self.cursor, n
+            self.cursor += n
+        else:
+            ring.lengths[slot, row] = 0
+            preprocess_into(data, ring.pixels(slot)[row], self.resize, self.interpolation, "exact",
+                            max_pixels=self.max_pixels)
+        ring.route[slot, row] = where
 
 
 def pixel_limit(max_image_pixels: int) -> int:
@@ -262,7 +316,8 @@ def main(argv=None) -> int:
     # line each on stderr per worker, for nothing the report needs
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     conn = Connection(a.fd)
-    ring = Ring.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3))
+    device = a.decode == "device"  # compressed bytes into the ring's arena (BytePlacer)
+    ring = Ring.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3), arena=-1 if device else 0)
     try:
         conn.send(("ready", os.getpid()))
         while True:
@@ -274,7 +329,9 @@ def main(argv=None) -> int:
                 return 0
             job_id, slot, rows = msg
             t0 = time.monotonic()
-            failures, error = run_job(ring, slot, rows, a.resize, a.interpolation, a.decode, max_pixels, faults)
+            place = BytePlacer(ring, slot, rows, a.resize, a.interpolation, max_pixels) if device else None
+            failures, error = run_job(ring, slot, rows, a.resize, a.interpolation, a.decode, max_pixels, faults,
+                                      place)
             if error is not None:
                 conn.send(("error", job_id) + error)
                 return 1

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -42,6 +42,11 @@ class InFlight:
     def result(self) -> np.ndarray:
         """Block until the logits are on the host; float32 `[n, classes]`."""
         raise NotImplementedError
+
+    def failed_rows(self) -> List[Tuple[int, str]]:
+        """After `result()`: `(row, reason)` of images the backend itself could not decode (--decode
+        device); their logits are meaningless and the scheduler counts them as failed."""
+        return []
 
 
 class Backend:
@@ -69,6 +74,16 @@ class Backend:
 
     def submit(self, pixels: np.ndarray) -> InFlight:
         raise NotImplementedError
+
+    #: takes compressed JPEGs (`--decode device`: an EncodedBatch, engine/pipeline/encoded.py)
+    decodes_jpeg = False
+
+    def submit_batch(self, batch) -> InFlight:
+        """Submit a source's `Batch` (engine/pipeline/sources.py): its pixels, or for a backend that
+        decodes JPEGs itself, its compressed bytes as well."""
+        if getattr(batch, "arena", None) is not None:
+            raise BackendError(f"--decode device needs a backend that decodes JPEGs (cuda), not {self.name}")
+        return self.submit(batch.pixels)
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         """Wall time of `iterations` model calls on a resident batch, each ending synchronised."""

@@ -37,6 +37,8 @@ class _StreamBatch(InFlight):
         self.backend, self.copied_event, self.done_event, self.out = backend, copied, done, out
         self.staging = staging
         self.keep = keep  # device tensors that must outlive the enqueued work
+        self.failed: List[Tuple[int, str]] = []  # --decode device: rows neither decoder could decode
+        self.decode_timing = None  # --decode device: for the backend's DecodeMeter (gpudecode.py)
 
     def copied(self) -> None:
         self.copied_event.synchronize()
@@ -48,7 +50,13 @@ class _StreamBatch(InFlight):
         self.copied()
         self.done_event.synchronize()
         self.keep = None
+        if self.decode_timing is not None:  # once: result() may be called again
+            self.backend.decode_meter.add(self)
+            self.decode_timing = None
         return self.out.numpy()
+
+    def failed_rows(self) -> List[Tuple[int, str]]:
+        return self.failed
 
 
 class StreamBackend(Backend):
@@ -124,6 +132,23 @@ class StreamBackend(Backend):
         self.model = None
         self.graph = None
         self.info: Dict = {}
+        # --decode device (engine/backends/gpudecode.py): JPEGs decoded on a third stream
+        self.jpeg = None
+        self.decode_meter = None
+        if self.spec.decode == "device":
+            from engine.backends.gpudecode import DecodeRefused, check_cuda_runtime
+
+            try:
+                if self.name != "cuda":
+                    raise DecodeRefused(f"--decode device is for --backend cuda, not {self.name}")
+                if self.device_type == "cuda":
+                    check_cuda_runtime(torch.version.cuda)
+            except DecodeRefused as e:
+                raise BackendError(str(e)) from None
+            self.decode_stream = self.dm.Stream(device=self.device)
+            self._decode_lock = threading.Lock()
+
+    decodes_jpeg = True  # takes EncodedBatch (--decode device) through submit_batch
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -149,6 +174,15 @@ class StreamBackend(Backend):
         self.graph = None
         if self.use_graphs:
             self._capture(x)
+        if self.spec.decode == "device" and self.jpeg is None:
+            from engine.backends.gpudecode import DecodeMeter, DecodeRefused, _filter, make_decoder
+
+            try:
+                _filter(self.spec.interpolation)
+                self.jpeg = make_decoder(self.config.jpeg_decoder, self.device)
+            except DecodeRefused as e:
+                raise BackendError(str(e)) from None
+            self.decode_meter = DecodeMeter()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad rather than inference_mode: TorchScript (--ts) models and fusers are safe under it
@@ -243,6 +277,13 @@ class StreamBackend(Backend):
             done.record(self.compute_stream)
         return _StreamBatch(self, copied, done, out, staging, (x, y))
 
+    def submit_batch(self, batch) -> InFlight:
+        if getattr(batch, "arena", None) is None:
+            return self.submit(batch.pixels)
+        from engine.backends.gpudecode import submit_encoded
+
+        return submit_encoded(self, batch)
+
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         """The model alone on a batch already on the device; each call ends in a device synchronize."""
         self._check_batch((batch_size,) + self._shape[1:])
@@ -267,7 +308,9 @@ class StreamBackend(Backend):
         return dict(self.info, backend=self.name, device=str(self.device), device_name=device_name,
                     precision=self.config.precision, channels_last=True, graphs=self.graph is not None,
                     host_memory=self.host_memory,
-                    streams="copy + compute, events")
+                    streams="copy + compute, events" + (" + decode" if self.jpeg is not None else ""),
+                    **({"jpeg_decoder": self.jpeg.describe(), "device_decode": self.decode_meter.report()}
+                       if self.jpeg is not None else {}))
 
     def close(self) -> None:
         self.unregister_host_memory()

@@ -28,6 +28,13 @@ Every slot is owned by exactly one party at a time, and only the parent moves it
   never unlink. If the parent is killed outright, workers see EOF on their pipe (and get SIGKILL
   through PR_SET_PDEATHSIG on Linux); the block is unlinked by Python's resource tracker, and
   failing that, by `cleanup_stale()` at the next start: names carry the owner's pid.
+- Device decode (`--decode device`, engine/pipeline/encoded.py): the block also holds a byte
+  arena per slot, with per image an int64 offset and length into it and an int8 route
+  (preprocess/jpeghead.py ROUTE_*), and a small control area the parent writes and workers read
+  (the host's decode share, the frame kinds the device decoder takes, its pixel limit). A worker
+  writes a JPEG's bytes only inside its chunk's part of the arena (rows lo..hi own bytes
+  lo * per_image .. (hi + 1) * per_image), so no two workers write the same bytes; what does not fit
+  there is decoded to pixels by the worker instead. Ownership of the arena is the slot's.
 - Space: `check_space` refuses a ring bigger than the free space of /dev/shm, and the block's
   pages are allocated at creation (`_reserve`), so a mount that fills up later cannot SIGBUS the
   run half-way.
@@ -65,7 +72,7 @@ def _round_up(n: int, a: int = ALIGN) -> int:
 class Layout:
     """Byte offsets of every array in the block; the same arithmetic in parent and workers."""
 
-    def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int]):
+    def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0):
         self.slots, self.batch, self.shape = slots, batch, tuple(shape)
         self.image_bytes = int(np.prod(shape))
         self.slot_bytes = _round_up(batch * self.image_bytes)
@@ -77,6 +84,28 @@ class Layout:
         self.status_at = self.started_at + 8 * meta
         self.pixels_at = _round_up(self.status_at + meta)
         self.size = self.pixels_at + slots * self.slot_bytes
+        # device decode: per-image offsets, lengths, routes; a control area; the byte arenas
+        # a whole number of pages per image, so the block's size gives the arena back exactly
+        self.arena_per_image = max(1, arena // batch // ALIGN) * ALIGN if arena else 0
+        self.arena_bytes = self.arena_per_image * batch  # per slot
+        if self.arena_bytes:
+            self.offsets_at = self.size
+            self.lengths_at = self.offsets_at + 8 * meta
+            self.route_at = self.lengths_at + 8 * meta
+            self.control_at = _round_up(self.route_at + meta, 64)
+            self.arena_at = _round_up(self.control_at + 8 * CONTROL_WORDS)
+            self.size = self.arena_at + slots * self.arena_bytes
+
+
+def arena_from_size(size: int, slots: int, batch: int, shape: Tuple[int, int, int]) -> int:
+    """The arena bytes per slot of a block of `size` bytes (how a worker learns it when attaching)."""
+    plain = Layout(slots, batch, shape, ALIGN * batch).arena_at
+    return (size - plain) // slots
+
+
+# the control area of a device-decode ring: float64 words written by the parent, read by workers
+CONTROL_WORDS = 8
+CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS = 0, 1, 2
 
 
 def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
@@ -153,8 +182,10 @@ class Ring:
     """K batch slots in one shared-memory block. Create in the parent; `attach` in workers."""
 
     def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int], name: Optional[str] = None,
-                 create: bool = True):
-        self.layout = lay = Layout(slots, batch, shape)
+                 create: bool = True, arena: int = 0):
+        if arena < 0:  # attaching to a device-decode ring: the arena's size follows from the block's
+            arena = arena_from_size(os.stat(os.path.join(SHM_DIR, name or "")).st_size, slots, batch, shape)
+        self.layout = lay = Layout(slots, batch, shape, arena)
         self.slots, self.batch, self.shape = slots, batch, tuple(shape)
         self._owner = create
         self._shm = None
@@ -188,10 +219,28 @@ class Ring:
             np.ndarray((batch,) + self.shape, np.uint8, buf, lay.pixels_at + k * lay.slot_bytes)
             for k in range(slots)
         ]
+        self.offsets = self.lengths = self.route = self.control = None
+        self._arenas = []
+        if lay.arena_bytes:
+            self.offsets = np.ndarray(meta, np.int64, buf, lay.offsets_at)
+            self.lengths = np.ndarray(meta, np.int64, buf, lay.lengths_at)
+            self.route = np.ndarray(meta, np.int8, buf, lay.route_at)
+            self.control = np.ndarray((CONTROL_WORDS,), np.float64, buf, lay.control_at)
+            self._arenas = [np.ndarray((lay.arena_bytes,), np.uint8, buf, lay.arena_at + k * lay.arena_bytes)
+                            for k in range(slots)]
 
     @classmethod
-    def attach(cls, name: str, slots: int, batch: int, shape: Tuple[int, int, int]) -> "Ring":
-        return cls(slots, batch, shape, name=name, create=False)
+    def attach(cls, name: str, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0) -> "Ring":
+        """`arena=-1`: a device-decode ring, its arena size read from the block's size."""
+        return cls(slots, batch, shape, name=name, create=False, arena=arena)
+
+    def arena(self, slot: int) -> np.ndarray:
+        """The `uint8[arena_bytes]` compressed-bytes arena of a slot (device decode only)."""
+        return self._arenas[slot]
+
+    @property
+    def arena_per_image(self) -> int:
+        return self.layout.arena_per_image
 
     def pixels(self, slot: int) -> np.ndarray:
         """The `uint8[B, H, W, 3]` pixel array of a slot (a view into shared memory)."""
@@ -209,6 +258,8 @@ class Ring:
         """Drop the views; the owner also unlinks the block. Safe to call twice."""
         self.labels = self.indices = self.decode_ns = self.started = self.status = None  # type: ignore[assignment]
         self._pixels = []
+        self.offsets = self.lengths = self.route = self.control = None
+        self._arenas = []
         buf, self._buf = self._buf, None
         if self._shm is not None:
             shm, self._shm = self._shm, None

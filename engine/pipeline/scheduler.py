@@ -94,14 +94,21 @@ async def run_pipeline(source: Source, backend: Backend, n_images: int, batch_si
         try:
             stats.decode_s += f.decode_s
             t0 = time.monotonic()
-            job = await loop.run_in_executor(executor, backend.submit, f.pixels)
+            job = await loop.run_in_executor(executor, backend.submit_batch, f)
             await loop.run_in_executor(executor, job.copied)
             t1 = time.monotonic()
         finally:
             f.release()
         logits = await loop.run_in_executor(executor, job.result)
         t2 = time.monotonic()
-        reduce(BatchResult(f.batch_no, f.start, f.indices, f.labels, f.ok, logits[:n], list(f.failures)))
+        ok, failures = f.ok, list(f.failures)
+        late = job.failed_rows()  # images the backend itself failed to decode (--decode device)
+        if late:
+            ok = ok.copy()
+            for row, reason in late:
+                ok[row] = False
+                failures.append((row, reason))
+        reduce(BatchResult(f.batch_no, f.start, f.indices, f.labels, ok, logits[:n], failures))
         t3 = time.monotonic()
         stats.copy_s += t1 - t0
         stats.compute_s += t2 - t1

@@ -94,6 +94,14 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
                      f" img/s per busy worker, loop {report['loop']}")
     if report.get("decoder"):
         lines.append(f"  decoder       {report['decoder']}")
+    dd = report.get("device_decode")
+    if dd:  # --decode device: the GPU decoder as a stage (engine/backends/gpudecode.py DecodeMeter)
+        rate = dd.get("device_decode_img_per_s")
+        share = (dd.get("host_share") or {}).get("share")
+        lines.append(f"  device decode {dd['device_images']} images on the device"
+                     + (f" ({rate:,.0f} img/s of decode-stream time)" if rate else "")
+                     + f", {dd['host_images']} by the workers"
+                     + (f"; host share of device JPEGs {share:.2f}" if share is not None else ""))
     for name, choice in (report.get("autotune") or {}).items():
         lines.append(f"  auto          --{name.replace('_', '-')} {choice['value']}: {choice['reason']}")
     if report["failed"]:

@@ -195,3 +195,31 @@ def format_breakdown(p: Dict) -> List[str]:
         f"{p['decode_mode']} decode) | device {p['device_capacity']:,.0f} img/s (compute only)",
         f"  verdict       {p['verdict']}",
     ]
+
+
+def with_device_decode(p: Dict, dd: Optional[Dict]) -> Dict:
+    """`--decode device`: the GPU decoder as a stage of the breakdown `p` (in place; returned).
+
+    `dd` is the backend's DecodeMeter report (engine/backends/gpudecode.py). The decode happens
+    between submit and copied, so the breakdown's "copy" stage holds it; its capacity is the
+    images the device decoded per second of decode-stream time, over the share of images it took
+    (the workers decode the rest). When that capacity is below the device's and end to end is
+    short of compute-only, the verdict names the device decoder instead of the copy."""
+    if not dd:
+        return p
+    rate = dd.get("device_decode_img_per_s")
+    total = dd["device_images"] + dd["host_images"]
+    frac = dd["device_images"] / total if total else 0.0
+    capacity = rate / frac if rate and frac else None
+    share = (dd.get("host_share") or {}).get("share")
+    p["device_decode"] = {"img_per_s": rate, "device_fraction": frac, "capacity": capacity, "host_share": share}
+    dev, ratio = p["device_capacity"], p["ratio"]
+    if capacity and dev and ratio is not None and ratio < DEVICE_BOUND and p["per_batch"]["batches"] >= 3 \
+            and capacity < dev / DEVICE_BOUND:
+        p["bound"] = "device-decode"
+        p["verdict"] = (f"device-decode-bound: the GPU decoder takes {rate:,.0f} img/s of decode-stream time for "
+                        f"the {frac:.0%} of images it decodes ({capacity:,.0f} img/s in all), the model "
+                        f"{dev:,.0f}; end to end is {ratio:.2f} of compute-only. A larger host share "
+                        f"(--host-decode-share, now {share if share is not None else 'auto'}) or more workers "
+                        f"move decoding to the host")
+    return p

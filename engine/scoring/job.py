@@ -345,7 +345,7 @@ class PartScorer:
 
     def open(self) -> None:
         from engine.pipeline.pool import WorkerPool
-        from engine.pipeline.ring import Ring
+        from engine.pipeline.encoded import make_ring
         from engine.pipeline.scheduler import new_event_loop
 
         cfg = self.cfg
@@ -354,7 +354,7 @@ class PartScorer:
         # one model call on a resident batch, so the first parts do not pay the device's warm-up
         # (lazy initialisation, cuDNN autotuning); run-eval gets the same from its compute-only run
         self.backend.compute_only(cfg.batch_size, 1, warmup=0)
-        self.ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+        self.ring = make_ring(cfg)  # with a byte arena for --decode device
         self.backend.register_host_memory(self.ring.buffer())
         # the fault settings of run-eval (getattr: they arrive with the pool's fault-handling options)
         extra = {"image_timeout": getattr(cfg, "image_timeout", 120.0)}
@@ -402,7 +402,7 @@ class PartScorer:
 
     async def _score(self, parts: List[int], stats: ScoreStats, progress) -> None:
         from engine.pipeline.scheduler import run_pipeline
-        from engine.pipeline.sources import PoolSource
+        from engine.pipeline.encoded import make_source
 
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
@@ -428,7 +428,8 @@ class PartScorer:
                     source = self.source
                     await source.start(lo, hi)
                 else:
-                    source = PoolSource(self.pool, self.ring, cfg.batch_size if self.backend.static_shape else 0)
+                    source = make_source(self.pool, self.ring, self.backend, cfg,
+                                         cfg.batch_size if self.backend.static_shape else 0)
                 await run_pipeline(source, self.backend, hi, cfg.batch_size, cfg.inflight,
                                    router.reduce, prog, start=lo, stats=stats.pipeline)
                 base += hi - lo
