@@ -91,7 +91,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
                    help="exact (pixels identical to torchvision's transforms, the default) or fast (libjpeg-turbo "
                         "decodes only the window the centre crop's resize reads, at a reduced DCT scale where the "
                         "image is large enough, and resizes it in C: 1.1-1.3x exact per worker here, top-1 agreement "
-                        "99.6%% on synthetic images; see README, Profiling), or device (--backend cuda: the "
+                        "99.5%% on synthetic images; see docs/profiling.md), or device (--backend cuda: the "
                         "workers send compressed JPEGs and the GPU decodes, resizes and crops them; what the GPU "
                         "decoder is not given, like progressive, grayscale or CMYK files, the workers decode "
                         "exactly; top-1 agreement with exact 100%% on 2,000 synthetic images measured on the CPU "
