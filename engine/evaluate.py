@@ -108,6 +108,22 @@ class StopSignals:
                 signal.signal(s, previous)
 
 
+def run_stoppable(loop: asyncio.AbstractEventLoop, task: asyncio.Task, ring: Optional[Ring],
+                  on_stop=None) -> Optional[int]:
+    """Run `task` to its end under `StopSignals`; returns the signal that stopped it, else None.
+    Errors other than that cancellation are raised."""
+    signals = StopSignals(loop, task, ring, on_stop=on_stop)
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if signals.signum is None:
+            raise
+        return signals.signum
+    finally:
+        signals.remove()
+    return None
+
+
 def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Dict, stats: PipelineStats,
                  compute_lat, pool: Optional[WorkerPool], loop: str, partial: bool,
                  tuning: Optional[Dict] = None) -> Dict:
@@ -275,15 +291,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         ring = make_ring(cfg)  # with a byte arena for --decode device
         backend.register_host_memory(ring.buffer())
         task = loop.create_task(_evaluate(cfg, ds, backend, ring, metrics, state))
-        signals = StopSignals(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            if signals.signum is None:
-                raise
-            stopped = signals.signum
-        finally:
-            signals.remove()
+        stopped = run_stoppable(loop, task, ring, on_stop=lambda: state["pool"] and state["pool"].stopping())
     except KeyboardInterrupt:
         # Ctrl-C before the event loop ran (loading the model): Python raises it once the native
         # call in progress returns. SIGTERM then keeps its default action: the process ends at

@@ -106,7 +106,7 @@ async def _fill(source, windows: List[Tuple[int, int]], progress) -> None:
 
 def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hwc", log=None) -> Tuple[Dict, int]:
     """Fill `cfg.pixel_cache` for `cfg.data`; returns (summary, exit status)."""
-    from engine.evaluate import StopSignals
+    from engine.evaluate import run_stoppable
     from engine.pipeline.dataset import build_dataset
     from engine.pipeline.pixelcache import MISS, PixelCache, PixelCacheError, export_bin
     from engine.pipeline.pool import WorkerPool
@@ -140,15 +140,9 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
             progress = Progress(sum(hi - lo for lo, hi in windows), cfg.progress, label="cached")
             loop = new_event_loop()
             task = loop.create_task(_fill(source, windows, progress))
-            signals = StopSignals(loop, task, ring, on_stop=pool.stopping)
             try:
-                loop.run_until_complete(task)
-            except asyncio.CancelledError:
-                if signals.signum is None:
-                    raise
-                stopped = signals.signum
+                stopped = run_stoppable(loop, task, ring, on_stop=pool.stopping)
             finally:
-                signals.remove()
                 source.close()
                 pool.close()
                 loop.close()

@@ -432,3 +432,39 @@ def test_disk_full_at_the_last_flush_is_a_warning(mixed_set, uncached, tmp_path,
     assert_same(got, uncached)
     assert "at flush" in st["write_error"]
     assert capsys.readouterr().err.count("stopped writing") == 1
+
+
+def test_make_cache_stopped_by_sigterm_keeps_what_it_stored_and_resumes(mixed_set, tmp_path):
+    """SIGTERM while a worker hangs in a decode: status 143, a STOPPED summary, no workers or
+    shared memory left; the next make-cache decodes only what the first did not store."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ds = build_dataset(mixed_set)
+    cache, faults = str(tmp_path / "pc"), tmp_path / "faults"
+    faults.mkdir()
+    env = dict(os.environ, IMAGENET_ENGINE_FAULT=f"sleep-once:{ds.paths[-1]}",
+               IMAGENET_ENGINE_FAULT_DIR=str(faults),
+               PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+    p = subprocess.Popen([sys.executable, MAKE_CACHE, "--data", mixed_set, "--pixel-cache", cache, "--workers", "1",
+                          "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(os.path.getsize(f) for f in glob.glob(str(faults / "*"))):  # the worker is hung now
+            assert p.poll() is None and time.monotonic() < deadline, "make-cache ended before the fault"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert out.startswith("STOPPED make-cache"), out
+    again = run_cli([MAKE_CACHE, "--data", mixed_set, "--pixel-cache", cache, "--workers", "1", "--batch-size", "4"])
+    assert again.returncode == 0, again.stderr
+    stored = int(again.stdout.split(" were cached, ")[0].split()[-1].replace(",", ""))
+    assert 0 < stored < len(ds), again.stdout  # resumed: the first run's rows were kept
