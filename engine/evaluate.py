@@ -25,7 +25,7 @@ from engine.pipeline.autotune import autotune
 from engine.report.metrics import Metrics
 from engine.pipeline.pool import WorkerPool
 from engine.procs import usable_cores
-from engine.report.profile import breakdown, with_device_decode
+from engine.report.profile import breakdown, with_device_decode, with_pixel_cache
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.pipeline.ring import Ring
 from engine.pipeline.sources import CacheSource, Source
@@ -318,9 +318,11 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None, tuning=state.get("autotune"))
-    text = format_eval(report)
     if state.get("pixel_cache") is not None:
         report["pixel_cache"] = state["pixel_cache"]
+        with_pixel_cache(report["profile"], report["pixel_cache"])  # the verdict knows what fed the run
+    text = format_eval(report)
+    if state.get("pixel_cache") is not None:
         text += "\n" + format_pixel_cache(report["pixel_cache"])
     print(text, file=out)
     for line in format_preprocessing_check(report["preprocessing_check"], cfg.model):

@@ -257,6 +257,22 @@ def test_run_eval_cli_reports_the_cache(mixed_set, tmp_path):
     assert second["stages"]["workers"] == [] and not pc2["workers_started"]
     assert first["config"]["pixel_cache"] == cache
     assert "pixel cache" in text2 and f"{n} read" in text2 and "no workers started" in text2
+    assert second["profile"]["pixel_cache"] == {"hits": n, "decoded": 0}
+    assert "workers could deliver 0" not in text2  # the verdict names the cache, not idle workers
+
+
+def test_verdict_of_a_cache_fed_run():
+    from engine.report.profile import with_pixel_cache
+
+    def prof(bound):
+        return {"bound": bound, "verdict": "copy-bound: ... the workers could deliver 0", "end_to_end": 900.0,
+                "ratio": 0.45, "stages_share": {"copy": 0.5}}
+
+    p = with_pixel_cache(prof("copy"), {"hits": 100, "decoded": 0})
+    assert p["bound"] == "copy" and "fed by the pixel cache (all 100 images read, none decoded)" in p["verdict"]
+    assert with_pixel_cache(prof("device"), {"hits": 100, "decoded": 0})["verdict"].startswith("copy-bound: ...")
+    assert with_pixel_cache(prof("copy"), {"hits": 60, "decoded": 40})["verdict"].startswith("copy-bound: ...")
+    assert with_pixel_cache(prof("copy"), None)["verdict"].startswith("copy-bound: ...")
 
 
 def test_default_pixel_cache_folder(mixed_set, tmp_path):

@@ -197,6 +197,24 @@ def format_breakdown(p: Dict) -> List[str]:
     ]
 
 
+def with_pixel_cache(p: Dict, pc: Optional[Dict]) -> Dict:
+    """`--pixel-cache`: where the run's images came from, in the breakdown `p` (in place; returned).
+    When the cache fed every image, the workers' capacity (0: nothing was decoded) says nothing
+    about the host's side, so a verdict that is not device-bound names the cache as the source."""
+    if not pc:
+        return p
+    hits, decoded = pc.get("hits", 0), pc.get("decoded", 0)
+    p["pixel_cache"] = {"hits": hits, "decoded": decoded}
+    if hits and not decoded and p.get("bound") not in ("device", "unknown"):
+        shares = p["stages_share"]
+        p["bound"] = "copy" if shares.get("copy", 0) >= 0.25 else "pipeline"
+        p["verdict"] = (f"{p['bound']}-bound, fed by the pixel cache (all {hits:,} images read, none decoded): end to "
+                        f"end is {p['end_to_end']:,.0f} img/s, {p['ratio']:.2f} of compute-only, with copies "
+                        f"{shares.get('copy', 0):.0%} of the wall time; the backend's submit/copy path or the batches "
+                        f"in flight (--inflight, --ring-slots) are the limit, not decoding")
+    return p
+
+
 def with_device_decode(p: Dict, dd: Optional[Dict]) -> Dict:
     """`--decode device`: the GPU decoder as a stage of the breakdown `p` (in place; returned).
 
