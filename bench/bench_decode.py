@@ -186,7 +186,8 @@ def pool_per_worker(data: str, workers: int, batch: int, limit: int, mode: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=300, help="images per core contenders decode (default: %(default)s)")
     p.add_argument("--pool-images", type=int, default=1200,
                    help="images per pool run (default: %(default)s; runs of a second or less mostly measure "

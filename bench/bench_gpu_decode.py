@@ -68,7 +68,7 @@ def device_rate(datas, device: str, batch: int, seconds: float = 3.0, resize=256
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="an image folder")
     p.add_argument("--limit", type=int, default=2000, help="files to use (default: %(default)s)")
     p.add_argument("--device", default="cuda")

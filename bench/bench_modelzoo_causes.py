@@ -127,7 +127,8 @@ def _pct(v) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=500, help="synthetic images made (default: %(default)s)")
     p.add_argument("--data", metavar="DIR", help="your own images instead (ImageFolder or flat folder)")
     p.add_argument("--proxy", action="store_true", help="use the random-feature proxy even where Lite0 is installed")

@@ -24,7 +24,8 @@ from _common import ROOT, bench_data, result_block, run_cached, run_pool, warm_f
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     # long enough that the pipeline's fill at the start (the device waits for the first batch) and
     # the partial last batch (a full batch of device time for fewer images) cost little
     p.add_argument("--images", type=int, default=None, help="(default: 1200; 20,000 with --pixel-cache)")

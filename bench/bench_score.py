@@ -72,7 +72,8 @@ def measure(data: str, a, crop: int, resize: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=600, help="photos case (default: %(default)s)")
     p.add_argument("--tiny-images", type=int, default=4000, help="tiny case (default: %(default)s)")
     p.add_argument("--backend", default="sim")

@@ -70,7 +70,8 @@ def plot(rows_by_mode, capacity, path, title):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)

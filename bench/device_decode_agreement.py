@@ -109,7 +109,7 @@ def measure(paths, model, device: str, batch: int = 64, **kw):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="an image folder (default: a synthetic ImageNet-like set)")
     p.add_argument("--images", type=int, default=1000, help="images to use (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu (torchvision's CPU decoder, CI) or cuda (nvJPEG)")

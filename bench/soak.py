@@ -118,7 +118,8 @@ def _mib(b: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--unique", type=int, default=300, help="distinct synthetic JPEGs behind the links")
     p.add_argument("--workers", type=int, default=2)

@@ -15,7 +15,7 @@ from preprocess import jpegregion
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m preprocess.native", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m preprocess.native", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", action="store_true", help="compile the library (needs cc and jpeglib.h)")
     p.add_argument("--check", action="store_true", help="print whether it loads (exit 1 if not)")

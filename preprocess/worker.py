@@ -280,7 +280,7 @@ def resize_spec(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="preprocess.worker")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="preprocess.worker")
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--ring", required=True)
     p.add_argument("--slots", type=int, required=True)
