@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -280,8 +281,6 @@ class StreamBackend(Backend):
     def submit_batch(self, batch) -> InFlight:
         if getattr(batch, "arena", None) is None:
             return self.submit(batch.pixels)
-        from engine.backends.gpudecode import submit_encoded
-
         return submit_encoded(self, batch)
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
@@ -321,3 +320,64 @@ class StreamBackend(Backend):
 
 class CudaBackend(StreamBackend):
     name = "cuda"
+
+
+def submit_encoded(backend, batch):
+    """StreamBackend.submit_batch for an `EncodedBatch` (engine/pipeline/encoded.py): decode on the
+    backend's decode stream, then the model on its compute stream (the module docstring)."""
+    from engine.backends.gpudecode import DecodeRefused, _default_limit, _timing_event, decode_into, host_decode
+    from preprocess.decode import DecodeError
+    from preprocess.jpeghead import HOST_FALLBACK, ROUTE_DEVICE
+
+    if backend.jpeg is None:
+        raise DecodeRefused(f"{backend.name}: prepare() ran without --decode device")
+    rows = batch.pixels.shape[0]
+    backend._check_batch(batch.pixels.shape)
+    spec = backend.spec
+    n = batch.n
+    ok = batch.ok
+    on_device = np.flatnonzero(ok & (batch.route[:n] == ROUTE_DEVICE))
+    on_host = np.flatnonzero(ok & (batch.route[:n] != ROUTE_DEVICE))
+    datas = [torch.from_numpy(batch.arena[o:o + ln]) for o, ln in
+             zip(batch.offsets[on_device].tolist(), batch.lengths[on_device].tolist())]
+    h, w, c = backend._shape[1:]
+    failed_rows: List[Tuple[int, str]] = []
+    t0 = time.perf_counter()
+    with backend._decode_lock, backend.dm.stream(backend.decode_stream):
+        start = _timing_event(backend)
+        x = torch.zeros((rows, h, w, c), dtype=torch.uint8, device=backend.device)
+        for r in on_host.tolist():
+            x[r].copy_(torch.from_numpy(batch.pixels[r]), non_blocking=True)
+        bad = decode_into(backend.jpeg, datas, x, on_device.tolist(), spec.resize, spec.interpolation,
+                          backend.config.device_resize)
+        for r, why in bad:  # the device decoder failed: exact mode on the host, from the same bytes
+            data = bytes(batch.arena[batch.offsets[r]:batch.offsets[r] + batch.lengths[r]])
+            try:
+                px = host_decode(data, (h, w), spec.resize, spec.interpolation, backend.config.max_image_pixels
+                                 or _default_limit())
+            except DecodeError as e:
+                failed_rows.append((int(r), str(e)))
+                continue
+            batch.route[r] = HOST_FALLBACK
+            x[r].copy_(torch.from_numpy(px))
+        copied = backend._new_event()
+        copied.record(backend.decode_stream)
+        end = _timing_event(backend)
+    host_s = time.perf_counter() - t0
+    out = backend._pinned_empty((rows, backend.config.num_classes), torch.float32)
+    with backend._lock, backend.dm.stream(backend.compute_stream):
+        backend.compute_stream.wait_event(copied)
+        backend._record_stream(x, backend.compute_stream)  # x was made on the decode stream
+        if backend.graph is not None:
+            backend.static_x.copy_(x)
+            backend.graph.replay()
+            y = backend.static_y
+        else:
+            y = backend._forward(x).float()
+        out.copy_(y, non_blocking=True)
+        done = backend._new_event()
+        done.record(backend.compute_stream)
+    job = _StreamBatch(backend, copied, done, out, None, (x, y))
+    job.failed = failed_rows
+    job.decode_timing = (start, end, host_s, len(on_device), len(on_host), batch.route[:n].copy(), ok.copy())
+    return job
