@@ -98,11 +98,35 @@ def build(cc: Optional[str] = None, quiet: bool = False) -> Path:
     return target
 
 
+def _open_library(path: Path) -> ctypes.CDLL:
+    """dlopen the library; where that fails on an undefined libjpeg symbol, in a link-map namespace
+    of its own (dlmopen), so it gets the system's libjpeg-turbo and not another libjpeg.so.62 that
+    the process loaded first: torchvision 0.15's wheel bundles an older libjpeg under that name,
+    and once `torchvision.io` is imported a plain dlopen binds to it (no `jpeg_skip_scanlines`)."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        if "undefined symbol" not in str(exc):
+            raise
+        first = exc
+    libc = ctypes.CDLL(None)
+    dlmopen = getattr(libc, "dlmopen", None)
+    if dlmopen is None:  # not glibc
+        raise first
+    dlmopen.restype = ctypes.c_void_p
+    dlmopen.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_int]
+    handle = dlmopen(-1, str(path).encode(), os.RTLD_NOW)  # -1: LM_ID_NEWLM, a new namespace
+    if not handle:
+        libc.dlerror.restype = ctypes.c_char_p
+        raise OSError(f"{first}; in a namespace of its own: {(libc.dlerror() or b'').decode(errors='replace')}")
+    return ctypes.CDLL(str(path), handle=handle)
+
+
 class RegionDecoder:
     """The loaded library. Thread-safe: each call has its own libjpeg state."""
 
     def __init__(self, path: Path) -> None:
-        lib = ctypes.CDLL(str(path))
+        lib = _open_library(path)
         lib.ie_abi.restype = ctypes.c_int
         abi = lib.ie_abi()
         if abi != ABI:
