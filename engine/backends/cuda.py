@@ -260,10 +260,18 @@ class StreamBackend(Backend):
             x.copy_(host, non_blocking=True)
             copied = self._new_event()
             copied.record(self.copy_stream)
+        out, done, y = self._enqueue_model(x, copied)
+        return _StreamBatch(self, copied, done, out, staging, (x, y))
+
+    def _enqueue_model(self, x, copied):
+        """The model on the compute stream once `copied` (the event after which the device batch
+        `x` is complete, on whichever stream made it) has fired, and its logits D2H into pinned
+        memory. Returns (pinned logits, done event, device logits to keep alive)."""
+        n = x.shape[0]
         out = self._pinned_empty((n, self.config.num_classes), torch.float32)
         with self._lock, self.dm.stream(self.compute_stream):
             self.compute_stream.wait_event(copied)
-            self._record_stream(x, self.compute_stream)  # x was allocated on the copy stream
+            self._record_stream(x, self.compute_stream)  # x was allocated on another stream
             if self.graph is not None:
                 self.static_x.copy_(x)
                 self.graph.replay()
@@ -276,7 +284,7 @@ class StreamBackend(Backend):
             out.copy_(y, non_blocking=True)
             done = self._new_event()
             done.record(self.compute_stream)
-        return _StreamBatch(self, copied, done, out, staging, (x, y))
+        return out, done, y
 
     def submit_batch(self, batch) -> InFlight:
         if getattr(batch, "arena", None) is None:
@@ -364,19 +372,7 @@ def submit_encoded(backend, batch):
         copied.record(backend.decode_stream)
         end = _timing_event(backend)
     host_s = time.perf_counter() - t0
-    out = backend._pinned_empty((rows, backend.config.num_classes), torch.float32)
-    with backend._lock, backend.dm.stream(backend.compute_stream):
-        backend.compute_stream.wait_event(copied)
-        backend._record_stream(x, backend.compute_stream)  # x was made on the decode stream
-        if backend.graph is not None:
-            backend.static_x.copy_(x)
-            backend.graph.replay()
-            y = backend.static_y
-        else:
-            y = backend._forward(x).float()
-        out.copy_(y, non_blocking=True)
-        done = backend._new_event()
-        done.record(backend.compute_stream)
+    out, done, y = backend._enqueue_model(x, copied)  # x was made on the decode stream
     job = _StreamBatch(backend, copied, done, out, None, (x, y))
     job.failed = failed_rows
     job.decode_timing = (start, end, host_s, len(on_device), len(on_host), batch.route[:n].copy(), ok.copy())
