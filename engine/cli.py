@@ -194,13 +194,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=positive_int, help="only the first N images (file-name order)")
 
 
-def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
-    """Resolve the preset for --model with every preprocessing flag given, into a RunConfig."""
-    overrides = {
+def preprocess_overrides(a: argparse.Namespace) -> dict:
+    """The preprocessing flags given (None where not), to apply over the --preset / --model preset."""
+    return {
         "resize": a.resize, "crop": a.crop, "interpolation": a.interpolation, "decode": a.decode,
         "mean": parse_triple(a.mean, "--mean") if a.mean else None,
         "std": parse_triple(a.std, "--std") if a.std else None,
     }
+
+
+def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
+    """Resolve the preset for --model with every preprocessing flag given, into a RunConfig."""
+    overrides = preprocess_overrides(a)
     precision = a.precision
     if precision is None:
         backend = a.backend
@@ -231,16 +236,12 @@ def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
     default folder, as `--pixel-cache` without DIR does on run-eval."""
     from engine.pipeline.pixelcache import default_pixel_cache_dir
 
-    overrides = {
-        "resize": a.resize, "crop": a.crop, "interpolation": a.interpolation, "decode": a.decode,
-        "mean": parse_triple(a.mean, "--mean") if a.mean else None,
-        "std": parse_triple(a.std, "--std") if a.std else None,
-    }
+    overrides = preprocess_overrides(a)
     return resolve_config(
         a.model, overrides, data=a.data, labels=a.labels, limit=a.limit, backend="cpu", batch_size=a.batch_size,
         workers=a.workers, max_image_pixels=a.max_image_pixels, image_timeout=a.image_timeout,
         pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir(), cache_verify=a.cache_verify,
-        progress=not a.no_progress)
+        progress=not a.no_progress, preset=a.preset)
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -218,10 +218,7 @@ def make_cache_main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DatasetError) as e:
         print(f"make-cache: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (PixelCacheError, PoolError, RingError, BackendError) as e:
-        print(f"make-cache: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
+    except (PixelCacheError, PoolError, RingError, BackendError, OSError) as e:
         print(f"make-cache: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     print(format_summary(summary))

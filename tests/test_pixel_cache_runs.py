@@ -484,3 +484,15 @@ def test_make_cache_stopped_by_sigterm_keeps_what_it_stored_and_resumes(mixed_se
     assert again.returncode == 0, again.stderr
     stored = int(again.stdout.split(" were cached, ")[0].split()[-1].replace(",", ""))
     assert 0 < stored < len(ds), again.stdout  # resumed: the first run's rows were kept
+
+
+def test_make_cache_takes_the_preset_and_its_overrides():
+    """make-cache resolves --preset like run-eval, so the cache it fills is the one run-eval --preset reads."""
+    from engine.cli import config_from_args, config_from_args_for_cache, eval_parser
+    from engine.make_cache import cache_parser
+
+    args = ["--data", "d", "--preset", "modelzoo-acc-eval", "--crop", "200"]
+    cached = config_from_args_for_cache(cache_parser().parse_args(args)).preprocess
+    evaluated = config_from_args(eval_parser().parse_args(args + ["--backend", "cpu"])).preprocess
+    assert cached == evaluated
+    assert cached.resize == (256, 256) and cached.interpolation == "bicubic" and cached.crop == 200
