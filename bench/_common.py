@@ -26,51 +26,29 @@ def bench_data(images: int, classes: int = 20, seed: int = 7) -> str:
 
 def run_pool(data: str, workers: int, batch: int, sim_batch_ms: float = 0.0, limit=None, decode="exact",
              inflight: int = 3, loop_kind: str = "auto", details=None, **fields):
-    """Time the whole pipeline (worker start included) on the sim backend.
+    """Time the whole pipeline (worker start included) on the sim backend, through a Session.
 
     Returns (images, seconds, PipelineStats, compute-only img/s). `details`, a dict if given,
     receives the pool's `worker_stats` and `spans` (the workers' own clocks).
     """
-    from engine.backends.sim import SimBackend
     from engine.config import resolve_config
     from engine.pipeline.dataset import build_dataset
-    from engine.evaluate import measure_compute_only
-    from engine.pipeline.pool import WorkerPool
-    from engine.pipeline.ring import Ring
-    from engine.pipeline.scheduler import new_event_loop, run_pipeline
-    from engine.pipeline.sources import PoolSource
+    from engine.pipeline.session import Session
 
     cfg = resolve_config("resnext50_32x4d", {"decode": decode}, backend="sim", batch_size=batch, workers=workers,
                          sim_batch_ms=sim_batch_ms, inflight=inflight, **fields)
     ds = build_dataset(data, limit=limit)
-    backend = SimBackend(cfg)
-    backend.prepare(batch)
-    ring = Ring(cfg.slots, batch, cfg.preprocess.shape)
-    out = {}
-
-    async def main():
+    with Session(cfg, ds, loop_kind=loop_kind) as s:
         t = time.perf_counter()
-        pool = WorkerPool(ring, ds, cfg.preprocess, workers)
-        await pool.start()
-        try:
-            lat = measure_compute_only(backend, batch, 5) if sim_batch_ms else None
-            t = time.perf_counter() if lat else t
-            stats = await run_pipeline(PoolSource(pool, ring), backend, len(ds), batch, inflight, lambda r: None)
-        finally:
-            pool.close()
+        s.start()
+        lat = s.compute_only(5) if sim_batch_ms else None
+        t = time.perf_counter() if lat else t
+        stats = s.run(0, len(ds), lambda r: None)
+        seconds = time.perf_counter() - t
         if details is not None:
-            details.update(worker_stats=pool.worker_stats(), spans=list(pool.spans))
-        out["seconds"] = time.perf_counter() - t
-        out["stats"] = stats
-        out["compute"] = batch / (sum(lat) / len(lat)) if lat else None
-
-    loop = new_event_loop(loop_kind)
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-        ring.close()
-    return len(ds), out["seconds"], out["stats"], out["compute"]
+            details.update(worker_stats=s.pool.worker_stats(), spans=list(s.pool.spans))
+    compute = batch / (sum(lat) / len(lat)) if lat else None
+    return len(ds), seconds, stats, compute
 
 
 def warm_files(data: str, limit=None) -> None:
@@ -94,52 +72,25 @@ def run_cached(data: str, cache_dir: str, workers: int, batch: int, sim_batch_ms
     the rest; workers start only if something must be decoded). `backend`: a prepared backend to use
     instead of the sim one. Returns (images, seconds, PipelineStats, compute-only img/s, cache stats);
     the cache stats' `cpu_s` is this process's CPU time (all threads) during the pipeline."""
-    from engine.backends.sim import SimBackend
     from engine.config import resolve_config
-    from engine.evaluate import measure_compute_only
     from engine.pipeline.dataset import build_dataset
-    from engine.pipeline.pixelcache import PixelCache
-    from engine.pipeline.pool import WorkerPool
-    from engine.pipeline.ring import Ring
-    from engine.pipeline.scheduler import new_event_loop, run_pipeline
-    from engine.pipeline.sources import CacheSource
+    from engine.pipeline.session import Session
 
     cfg = resolve_config("resnext50_32x4d", {"decode": decode}, backend="sim", batch_size=batch, workers=workers,
-                         sim_batch_ms=sim_batch_ms, inflight=inflight, **fields)
+                         sim_batch_ms=sim_batch_ms, inflight=inflight, pixel_cache=cache_dir, **fields)
     ds = build_dataset(data, limit=limit)
-    if backend is None:
-        backend = SimBackend(cfg)
-        backend.prepare(batch)
-    ring = Ring(cfg.slots, batch, cfg.preprocess.shape)
-    cache = PixelCache.open(cache_dir, ds, cfg.preprocess, None)
-    out = {}
-
-    async def main():
-        pool = WorkerPool(ring, ds, cfg.preprocess, workers)
-        source = CacheSource(cache, ds, pool, ring, 0, ahead=cfg.slots, write=write and cache.writable)
-        try:
-            await source.start(0, len(ds))
-            lat = measure_compute_only(backend, batch, 5) if sim_batch_ms else None
-            t, cpu = time.perf_counter(), time.process_time()
-            stats = await run_pipeline(source, backend, len(ds), batch, inflight, lambda r: None)
-            await source.finish()
-            out["seconds"] = time.perf_counter() - t
-            out["cpu_s"] = time.process_time() - cpu  # every thread of this process (not the workers)
-        finally:
-            source.close()
-            pool.close()
-        out["stats"] = stats
-        out["compute"] = batch / (sum(lat) / len(lat)) if lat else None
-        out["cache"] = dict(source.stats(), cpu_s=out["cpu_s"])
-
-    loop = new_event_loop()
+    s = Session(cfg, ds, backend=backend, cache_write=write).open()
     try:
-        loop.run_until_complete(main())
+        s.start()
+        lat = s.compute_only(5) if sim_batch_ms else None
+        t, cpu = time.perf_counter(), time.process_time()
+        stats = s.run(0, len(ds), lambda r: None)
+        seconds = time.perf_counter() - t
+        cpu_s = time.process_time() - cpu  # every thread of this process (not the workers)
     finally:
-        loop.close()
-        ring.close()
-        cache.close()
-    return len(ds), out["seconds"], out["stats"], out["compute"], out["cache"]
+        s.close()
+    compute = batch / (sum(lat) / len(lat)) if lat else None
+    return len(ds), seconds, stats, compute, dict(s.pixel_cache, cpu_s=cpu_s)
 
 
 def machine() -> str:

@@ -20,8 +20,8 @@ import numpy as np
 
 from engine.cli import add_model_args, add_pixel_cache_args, add_preprocess_args, config_from_args, positive_int
 from engine.config import ConfigError, RunConfig
+from engine.errors import EXIT_OK
 
-EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
 
 
@@ -194,30 +194,22 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def run_bench_main(argv: Optional[List[str]] = None) -> int:
-    from engine.backends.base import BackendError
+    from engine.commands import main
 
+    return main("run-bench", _run_bench_command, argv)
+
+
+def _run_bench_command(argv: Optional[List[str]]) -> int:
     p = bench_parser()
     a = p.parse_args(argv)
     if a.warmup < 0:
         p.error("--warmup must not be negative")
     if a.e2e and not os.path.isdir(a.e2e):
         p.error(f"--e2e {a.e2e}: no such folder")
-    from engine.pipeline.dataset import DatasetError
-    from engine.pipeline.pool import PoolError
-    from engine.pipeline.pixelcache import PixelCacheError
-    from engine.pipeline.ring import RingError
-
-    try:
-        if a.plot:
-            check_plotting()
-        cfg = config_from_args(a, data=a.e2e, labels=a.labels, limit=a.limit)
-        bench = run_bench(cfg, a.batch_sizes, a.warmup, a.iterations, a.e2e)
-    except (ConfigError, DatasetError) as e:
-        print(f"run-bench: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (BackendError, PoolError, RingError, PixelCacheError) as e:
-        print(f"run-bench: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    if a.plot:
+        check_plotting()
+    cfg = config_from_args(a, data=a.e2e, labels=a.labels, limit=a.limit)
+    bench = run_bench(cfg, a.batch_sizes, a.warmup, a.iterations, a.e2e)
     print(format_table(bench))
     if a.json:
         from engine.report.output import write_json

@@ -52,6 +52,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "a GPU, else cpu; the choice is printed with its reason), cpu, sim (simulated "
                         "accelerator), cuda, aie (torch_aie), npu (torch_npu) (default: %(default)s)")
     g.add_argument("--device", type=int, default=0, help="device id for cuda/aie/npu (default: 0)")
+    g.add_argument("--devices", metavar="LIST|all", default="",
+                   help="run on several devices at once, one device process each: ids like 0,1 or 0-7, or all (every "
+                        "device the backend reports); batches go to whichever device is free and the report has a "
+                        "row per device (docs/devices.md). cpu and sim: name the ids (cpu splits the cores the "
+                        "workers leave); overrides --device")
     g.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="fp32, fp16 or bf16 (default: fp16 on aie/npu/cuda, fp32 on cpu)")
     g.add_argument("--shape", default="static", choices=SHAPES,
@@ -216,7 +221,8 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
         precision = "fp32" if backend in ("cpu", "sim") else "fp16"
     fields = dict(
         data=getattr(a, "data", None), labels=getattr(a, "labels", None), limit=getattr(a, "limit", None),
-        weights=a.weights, ts=a.ts, backend=a.backend, device=a.device, precision=precision, shape=a.shape,
+        weights=a.weights, ts=a.ts, backend=a.backend, device=a.device, devices=a.devices, precision=precision,
+        shape=a.shape,
         soc_version=a.soc_version, optimization_level=a.optimization_level, cache_dir=a.cache_dir,
         use_cache=not a.no_cache, batch_size=a.batch_size, workers=a.workers, ring_slots=a.ring_slots,
         inflight=a.inflight, threads=a.threads, compute_only_iters=a.compute_only_iters,
@@ -272,31 +278,19 @@ def _never_fail_on_file_names(stream) -> None:
 
 
 def run_eval_main(argv: Optional[List[str]] = None) -> int:
-    from engine.backends.base import BackendError
-    from engine.pipeline.dataset import DatasetError
-    from engine.evaluate import EXIT_ERROR, EXIT_USAGE, run_eval
-    from engine.pipeline.pool import PoolError
-    from engine.pipeline.pixelcache import PixelCacheError
-    from engine.pipeline.ring import RingError
+    from engine.commands import main
+
+    return main("run-eval", _run_eval_command, argv)
+
+
+def _run_eval_command(argv: Optional[List[str]]) -> int:
+    from engine.evaluate import run_eval
 
     p = eval_parser()
     a = p.parse_args(argv)
     if not a.data:
         p.error("--data is required")
     _never_fail_on_file_names(sys.stdout)
-    try:
-        cfg = config_from_args(a, json_path=a.json, trace_path=a.trace)
-        _, status = run_eval(cfg)
-        return status
-    except (ConfigError, DatasetError) as e:
-        print(f"run-eval: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (BackendError, PoolError, RingError, PixelCacheError) as e:
-        print(f"run-eval: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:  # writing the report on a full or read-only disk: a one-line error, status 3
-        import errno
-
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        print(f"run-eval: error: cannot write {e.filename or 'the report'}: {why}", file=sys.stderr)
-        return EXIT_ERROR
+    cfg = config_from_args(a, json_path=a.json, trace_path=a.trace)
+    _, status = run_eval(cfg)
+    return status

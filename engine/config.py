@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
+from engine.errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,7 +25,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 SHAPES = ("static", "dynamic")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad option value; the message says what to change."""
 
 
@@ -259,6 +261,37 @@ def format_preprocessing_check(check: Dict, model: str) -> List[str]:
     return lines
 
 
+def parse_devices(text) -> Optional[Tuple[int, ...]]:
+    """`--devices`: "0,1", "0-3", "0,2-3" (ids in the order given, no repeats) or "all" (None: every
+    device the backend reports, counted inside a device process)."""
+    text = str(text).strip()
+    if text == "all":
+        return None
+    ids: List[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                ids.extend(range(a, b + 1))
+            else:
+                ids.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--devices needs device ids like 0,1 or 0-7, or all (got {text!r})") from None
+    if not ids or min(ids) < 0:
+        raise ConfigError(f"--devices needs device ids of 0 or more, like 0,1 or 0-7, or all (got {text!r})")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"--devices names a device twice (got {text!r}): each id once")
+    return tuple(ids)
+
+
+def format_devices(ids: Optional[Tuple[int, ...]]) -> str:
+    """The canonical form of a `--devices` value: "all" or "0,1,2"."""
+    return "all" if ids is None else ",".join(str(i) for i in ids)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run of the engine needs. Built by `resolve_config`."""
@@ -271,6 +304,7 @@ class RunConfig:
     ts: Optional[str] = None
     backend: str = "cpu"
     device: int = 0
+    devices: str = ""  # --devices: "" one device in this process; "0,1", "0-7" or "all": device processes
     precision: str = "fp32"
     shape: str = "static"
     soc_version: str = "Ascend310P3"
@@ -333,6 +367,8 @@ class RunConfig:
             raise ConfigError(f"--device-resize {self.device_resize!r} is not one of pil, tensor")
         if self.decode_arena_kib < 4:
             raise ConfigError(f"--decode-arena-kib must be at least 4 (got {self.decode_arena_kib})")
+        if self.devices:
+            object.__setattr__(self, "devices", format_devices(parse_devices(self.devices)))
         if self.weights is not None and self.ts is not None:
             raise ConfigError("give either --weights (a state dict) or --ts (TorchScript), not both")
         if self.pixel_cache and self.preprocess.decode == "device":
@@ -381,3 +417,14 @@ def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optiona
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
     return RunConfig(model=model, preprocess=spec, preset=preset, **fields)
+
+
+def config_from_dict(d: Dict) -> RunConfig:
+    """A `RunConfig` back from `to_dict()` (or its JSON): how a device process gets its run's
+    configuration (engine/pipeline/device_process.py). Unknown keys are refused."""
+    d = dict(d)
+    pre = dict(d.pop("preprocess", {}) or {})
+    for k in ("mean", "std"):
+        if k in pre:
+            pre[k] = tuple(pre[k])
+    return RunConfig(preprocess=PreprocessSpec(**pre), **d)

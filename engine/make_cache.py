@@ -16,7 +16,6 @@ holds its write lock, a worker error); 130/143 stopped by SIGINT/SIGTERM (what w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import signal
 import sys
 import time
@@ -25,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from engine import __version__
+from engine.errors import EXIT_ERROR, EXIT_OK, exit_for_signal
 
-EXIT_OK, EXIT_USAGE, EXIT_ERROR = 0, 2, 3
 EXPORT_FORMATS = ("uint8-hwc", "float32-nchw")
 
 
@@ -77,52 +76,22 @@ def _windows(state: np.ndarray, miss: int, batch: int) -> List[Tuple[int, int]]:
     return out
 
 
-async def _fill(source, windows: List[Tuple[int, int]], progress) -> None:
-    futures = []
-    done = [0]
-    t0 = time.monotonic()
-
-    def finished(f: "asyncio.Future") -> None:
-        if f.cancelled() or f.exception() is not None:
-            return
-        batch = f.result()
-        batch.release()  # after the cache's write of it (CacheSource holds the slot until then)
-        done[0] += batch.n
-        progress(done[0], time.monotonic() - t0)
-
-    if windows:
-        await source.start(windows[0][0], windows[-1][1])
-    for b, (lo, hi) in enumerate(windows):
-        fut = await source.fill(b, lo, hi - lo)
-        fut.add_done_callback(finished)
-        futures.append(fut)
-    try:
-        await asyncio.gather(*futures)
-    finally:
-        for f in futures:
-            f.cancel()
-    await source.finish()
-
-
 def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hwc", log=None) -> Tuple[Dict, int]:
-    """Fill `cfg.pixel_cache` for `cfg.data`; returns (summary, exit status)."""
-    from engine.evaluate import run_stoppable
+    """Fill `cfg.pixel_cache` for `cfg.data`; returns (summary, exit status). A driver over a
+    decode-only Session (engine/pipeline/session.py): no backend, the pixel cache's write-through."""
     from engine.pipeline.dataset import build_dataset
-    from engine.pipeline.pixelcache import MISS, PixelCache, PixelCacheError, export_bin
-    from engine.pipeline.pool import WorkerPool
-    from engine.pipeline.ring import Ring
-    from engine.pipeline.scheduler import new_event_loop
-    from engine.pipeline.sources import CacheSource
+    from engine.pipeline.pixelcache import MISS, PixelCacheError, export_bin
+    from engine.pipeline.session import Session
     from engine.report.output import Progress
 
     log = log if log is not None else sys.stderr
     t0 = time.monotonic()
     ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
-    cache = PixelCache.open(cfg.pixel_cache, ds, cfg.preprocess, cfg.max_image_pixels, verify=cfg.cache_verify,
-                            write=True)
-    stopped = None
-    source = None
+    slots = max(4, 2 + -(-2 * cfg.workers * 16 // cfg.batch_size))  # enough chunks for every worker
+    session = Session(cfg, ds, device=False, handle_signals=True, ring_slots=slots, log=log)
     try:
+        session.open()
+        cache = session.cache
         missing = int((cache.state == MISS).sum())
         before = len(ds) - missing
         windows = _windows(cache.state, MISS, cfg.batch_size)
@@ -132,22 +101,12 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
             print(f"make-cache: {len(ds):,} images, {before:,} already cached, {missing:,} to decode with "
                   f"{cfg.workers} worker(s) into {cache.dir}", file=log)
         if windows:
-            slots = max(4, 2 + -(-2 * cfg.workers * 16 // cfg.batch_size))  # enough chunks for every worker
-            ring = Ring(slots, cfg.batch_size, cfg.preprocess.shape)
-            pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers, image_timeout=cfg.image_timeout,
-                              max_image_pixels=cfg.max_image_pixels)
-            source = CacheSource(cache, ds, pool, ring, ahead=slots, write=True, log=log)
             progress = Progress(sum(hi - lo for lo, hi in windows), cfg.progress, label="cached")
-            loop = new_event_loop()
-            task = loop.create_task(_fill(source, windows, progress))
             try:
-                stopped = run_stoppable(loop, task, ring, on_stop=pool.stopping)
+                session.fill(windows, progress)
             finally:
-                source.close()
-                pool.close()
-                loop.close()
-                ring.close()
                 progress.close()
+        stopped = session.stopped
         if cache.writable:
             cache.flush()  # the completion record: what is stored is durable and visible to readers
         exported = None
@@ -163,10 +122,10 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
 
             exported = export_bin(cache, ds, export, export_format, cfg.preprocess.mean, cfg.preprocess.std, step)
             bar.close()
-        stats = dict(source.stats()) if source is not None else dict(cache.stats())
+        stats = dict(session.source.stats())
         stats.setdefault("decoded", 0)
     finally:
-        cache.close()
+        session.close()
     state_left = stats.get("images", len(ds)) - stats.get("valid", 0)
     summary = dict(stats, images=len(ds), cached_before=before, missing_before=missing, left=int(state_left),
                    exported=exported, export=export, export_format=export_format if export else None,
@@ -174,7 +133,7 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
     if summary.get("write_error"):
         status = EXIT_ERROR
     elif stopped is not None:
-        status = 128 + stopped
+        status = exit_for_signal(stopped)
     else:
         status = EXIT_OK if state_left == 0 else EXIT_ERROR
     return summary, status
@@ -200,27 +159,20 @@ def format_summary(s: Dict) -> str:
 
 
 def make_cache_main(argv: Optional[List[str]] = None) -> int:
-    from engine.backends.base import BackendError
+    from engine.commands import main
+
+    return main("make-cache", _make_cache_command, argv)
+
+
+def _make_cache_command(argv: Optional[List[str]]) -> int:
     from engine.cli import config_from_args_for_cache
-    from engine.config import ConfigError
-    from engine.pipeline.dataset import DatasetError
-    from engine.pipeline.pixelcache import PixelCacheError
-    from engine.pipeline.pool import PoolError
-    from engine.pipeline.ring import RingError
 
     p = cache_parser()
     a = p.parse_args(argv)
     if not a.data:
         p.error("--data is required")
-    try:
-        cfg = config_from_args_for_cache(a)
-        summary, status = make_cache(cfg, a.export_bin, a.export_format)
-    except (ConfigError, DatasetError) as e:
-        print(f"make-cache: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (PixelCacheError, PoolError, RingError, BackendError, OSError) as e:
-        print(f"make-cache: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    cfg = config_from_args_for_cache(a)
+    summary, status = make_cache(cfg, a.export_bin, a.export_format)
     print(format_summary(summary))
     return status
 

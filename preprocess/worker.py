@@ -43,7 +43,7 @@ import warnings
 from multiprocessing.connection import Connection
 from typing import List, Optional, Tuple
 
-from engine.pipeline.ring import BUSY, FAILED, OK, Ring
+from preprocess.ringlayout import BUSY, FAILED, OK, RingView
 from preprocess.decode import DecodeError, preprocess_into
 
 FAULT_ENV = "IMAGENET_ENGINE_FAULT"
@@ -167,7 +167,7 @@ def _inject(faults: List[Fault], path: str) -> None:
             raise RuntimeError(f"injected fault on {path}")
 
 
-def run_job(ring: Ring, slot: int, rows, resize: int, interpolation: str, mode: str,
+def run_job(ring: RingView, slot: int, rows, resize: int, interpolation: str, mode: str,
             max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None, place=None):
     """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, path, traceback)).
 
@@ -216,8 +216,8 @@ class BytePlacer:
     [lo * per_image, (hi + 1) * per_image) (NOTE in engine/pipeline/ring.py): images of one chunk
     share that room, and one that does not fit any more is decoded here instead."""
 
-    def __init__(self, ring: Ring, slot: int, rows, resize: int, interpolation: str, max_pixels: int):
-        from engine.pipeline.ring import CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS
+    def __init__(self, ring: RingView, slot: int, rows, resize: int, interpolation: str, max_pixels: int):
+        from preprocess.ringlayout import CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS
 
         self.ring, self.slot, self.resize, self.interpolation = ring, slot, resize, interpolation
         self.max_pixels = max_pixels
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     conn = Connection(a.fd)
     device = a.decode == "device"  # compressed bytes into the ring's arena (BytePlacer)
-    ring = Ring.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3), arena=-1 if device else 0)
+    ring = RingView.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3), arena=-1 if device else 0)
     try:
         conn.send(("ready", os.getpid()))
         while True:

@@ -21,7 +21,8 @@ from PIL import Image
 from engine.backends.gpudecode import (DecodeRefused, JpegDecoder, TorchvisionDecoder, check_cuda_runtime,
                                        decode_into, resize_crop_into)
 from engine.config import ConfigError, resolve_config
-from engine.pipeline.encoded import DeviceDecodeSource, EncodedBatch, HostShareTuner, make_ring
+from engine.pipeline.encoded import DeviceDecodeSource, EncodedBatch, HostShareTuner
+from engine.pipeline.session import make_ring
 from engine.pipeline.ring import ALIGN, Ring, arena_from_size
 from preprocess import jpeghead as jh
 from preprocess.decode import preprocess_into

@@ -63,3 +63,23 @@ def test_ray_runner_does_not_import_the_command():
             "assert 'engine.scoring.run' not in sys.modules, 'ray_runner pulled in the run-score command'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_preprocess_imports_nothing_from_engine():
+    """preprocess/ is the pure hot path: the decode workers (and device processes, through
+    preprocess/ringlayout.py) must not import the engine, lazily or not."""
+    found = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "preprocess")):
+        for f in files:
+            if f.endswith(".py"):
+                p = os.path.join(dirpath, f)
+                found += [(os.path.relpath(p, ROOT), m) for m in _imports(p)]
+    assert not found, f"preprocess/ imports engine: {found}"
+
+
+def test_worker_starts_without_the_engine():
+    code = ("import sys, preprocess.worker, preprocess.ringlayout; "
+            "bad = sorted(m for m in sys.modules if m == 'engine' or m.startswith('engine.')); "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -127,6 +127,20 @@ class AieBackend(Backend):
     name = "aie"
     has_events = False
 
+    def device_count_available(self, limit: int = 64):
+        """torch_aie has no device count: the ids `set_device` accepts, from 0 up (it raises on an
+        invalid id); the current device is set back afterwards."""
+        count = 0
+        try:
+            for k in range(limit):
+                self.aie.set_device(k)
+                count = k + 1
+        except Exception:
+            pass
+        finally:
+            self.aie.set_device(self.config.device)
+        return count
+
     def __init__(self, config):
         super().__init__(config)
         if config.precision not in POLICIES:

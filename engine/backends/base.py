@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from engine.errors import RunError
 from engine.config import RunConfig
 
 
@@ -29,8 +30,13 @@ from engine.config import RunConfig
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-class BackendError(RuntimeError):
+class BackendError(RunError):
     """The backend cannot run this configuration; the message says what to change."""
+
+
+class DeviceLost(BackendError):
+    """From `InFlight.result()`: the device (a device process of --devices) was lost after it had
+    copied the batch; the scheduler decodes the batch again and submits it to another device."""
 
 
 class InFlight:
@@ -57,6 +63,9 @@ class Backend:
     static_shape = False
     #: why `--backend auto` picked this backend (set by create_backend), else None
     auto_reason = None
+    #: devices this backend drives at once (the device processes of --devices drive several):
+    #: the scheduler keeps `--inflight` batches in flight per device
+    device_count = 1
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -65,6 +74,20 @@ class Backend:
 
     def prepare(self, batch_size: int) -> None:
         raise NotImplementedError
+
+    def device_count_available(self):
+        """How many devices of this kind the host has (what `--devices all` means), or None where
+        the backend has no devices to count (cpu, sim). Asked inside a device process only."""
+        return None
+
+    def register_ring(self, ring) -> None:
+        """The run's ring (engine/pipeline/ring.py): by default its memory is pinned where the
+        device allows (`register_host_memory`); device processes map it by name instead."""
+        self.register_host_memory(ring.buffer())
+
+    def register_pixel_cache(self, cache) -> None:
+        """The run's pixel cache (batches read from it are slices of its mapping); the default
+        needs nothing: its slices are host memory like any other."""
 
     def register_host_memory(self, buffer) -> None:
         """Pin the ring's memory where the device allows; the default does nothing."""

@@ -106,6 +106,9 @@ class StreamBackend(Backend):
 
     # ---- setup ------------------------------------------------------------------------------
 
+    def device_count_available(self):
+        return int(self.dm.device_count())
+
     def __init__(self, config):
         super().__init__(config)
         if config.precision not in DTYPES:

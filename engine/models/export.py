@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-EXIT_OK, EXIT_USAGE, EXIT_MISMATCH = 0, 2, 3
+from engine.errors import EXIT_ERROR, EXIT_OK, UsageError
 
 
 def export_torchscript(weights: str, out: str, model: str = "resnext50_32x4d", num_classes: int = 1000,
@@ -41,7 +41,7 @@ def export_torchscript(weights: str, out: str, model: str = "resnext50_32x4d", n
             eager, got = net(x), traced(x)
         diff = float((eager - got).abs().max())
         if not torch.allclose(eager, got, atol=atol, rtol=rtol):
-            raise MismatchError(f"the traced model differs from eager by up to {diff:.3g} on a random "
+            raise TraceMismatchError(f"the traced model differs from eager by up to {diff:.3g} on a random "
                               f"{tuple(x.shape)} batch (atol {atol}, rtol {rtol}); not saved")
         tmp = out + ".partial.ts"
         try:
@@ -54,12 +54,17 @@ def export_torchscript(weights: str, out: str, model: str = "resnext50_32x4d", n
             "checked_batch": check_batch, "max_abs_diff": diff}
 
 
-class ExportError(RuntimeError):
+class ExportError(UsageError):
     """The export cannot go on; the message says why."""
 
 
-class MismatchError(ExportError):
-    """The traced module does not reproduce the eager model."""
+class TraceMismatchError(ExportError):
+    """The traced module does not reproduce the eager model (exit status 3: the file was not written)."""
+
+    exit_status = EXIT_ERROR
+
+
+MismatchError = TraceMismatchError  # its name before run-score's own mismatch got one of its own
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -78,20 +83,24 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: Optional[List[str]] = None) -> int:
+    from engine.commands import main
+
+    return main("export", _export_command, argv)
+
+
+def _export_command(argv: Optional[List[str]]) -> int:
     a = export_parser().parse_args(argv)
     try:
         import torch  # noqa: F401
     except ImportError as e:
-        print(f"export: error: needs torch and torchvision ({e}); run it with the venv's python", file=sys.stderr)
-        return EXIT_USAGE
+        raise ExportError(f"needs torch and torchvision ({e}); run it with the venv's python") from None
     from engine.backends.base import BackendError
 
     try:
         info = export_torchscript(a.weights, a.out, a.model, a.num_classes, a.size, atol=a.atol, rtol=a.atol)
-    except (BackendError, ExportError) as e:
+    except (BackendError, ExportError) as e:  # one line: a wrong state dict's message lists every key
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"export: error: {first[:500]}", file=sys.stderr)
-        return EXIT_MISMATCH if isinstance(e, MismatchError) else EXIT_USAGE
+        raise (TraceMismatchError if isinstance(e, TraceMismatchError) else ExportError)(first[:500]) from None
     print(f"export: {info['model']} from {info['weights']} -> {info['out']} "
           f"(traced with {tuple(info['input'])}; traced == eager within {a.atol}, max diff {info['max_abs_diff']:.2g})")
     return EXIT_OK

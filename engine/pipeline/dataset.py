@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engine.errors import UsageError
 from engine.classes import imagenet_classes, wnid_to_index
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -39,7 +40,7 @@ LABEL_FILE_NAMES = ("val_label.txt",)
 UNLABELLED = -1
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """The data or label paths are unusable; the message says what is wrong and what to do."""
 
 

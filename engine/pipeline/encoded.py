@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.pipeline.pool import Fill, WorkerPool
 from engine.pipeline.ring import CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS, OK, Ring
-from engine.pipeline.sources import Batch, PoolSource, Source
+from engine.pipeline.sources import Batch, PoolSource
 
 #: the largest image the device path takes, in pixels (bigger ones are decoded by the host)
 DEVICE_MAX_PIXELS = 64 * 2 ** 20
@@ -98,7 +98,7 @@ class DeviceDecodeSource(PoolSource):
 
     def __init__(self, pool: WorkerPool, ring: Ring, pad_to: int = 0, tuner: Optional[HostShareTuner] = None):
         super().__init__(pool, ring, pad_to)
-        assert ring.arena_per_image, "--decode device needs a ring with a byte arena (make_ring)"
+        assert ring.arena_per_image, "--decode device needs a ring with a byte arena (session.make_ring)"
         self.tuner = tuner
 
     async def fill(self, batch_no: int, start: int, n: int):
@@ -125,32 +125,14 @@ class DeviceDecodeSource(PoolSource):
                             lengths=ring.lengths[slot, :n].copy(), route=route)
 
 
-def make_ring(cfg, batch_size: int = 0) -> Ring:
-    """The run's ring: with a byte arena of `--decode-arena-kib` per image for `--decode device`."""
-    batch = batch_size or cfg.batch_size
-    arena = cfg.decode_arena_kib * 1024 * batch if cfg.preprocess.decode == "device" else 0
-    return Ring(cfg.slots, batch, cfg.preprocess.shape, arena=arena)
-
-
-def check_backend(cfg, backend) -> None:
-    """Refuse `--decode device` at once (before the model loads) on a backend that cannot decode JPEGs."""
-    if cfg.preprocess.decode == "device" and not getattr(backend, "decodes_jpeg", False):
-        from engine.backends.base import BackendError
-
-        raise BackendError(f"--decode device needs --backend cuda (the GPU decodes the JPEGs), "
-                           f"not {getattr(backend, 'name', backend)}")
-
-
-def make_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int = 0) -> Source:
-    """The decode pool's source: a `DeviceDecodeSource` for `--decode device`, else `PoolSource`.
-    Device decode needs a backend that decodes JPEGs (cuda); the ring's control words get the
-    decoder's frame kinds and pixel limit, and the tuner is shared with the backend's meter."""
-    if cfg.preprocess.decode != "device":
-        return PoolSource(pool, ring, pad_to)
+def device_decode_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int = 0) -> DeviceDecodeSource:
+    """The decode pool's source for `--decode device` (made by engine/pipeline/session.py
+    `make_source`). Device decode needs a backend that decodes JPEGs (cuda); the ring's control
+    words get the decoder's frame kinds and pixel limit, and the tuner is shared with the backend's
+    meter."""
     from engine.backends.base import BackendError
     from preprocess.jpeghead import KIND_BITS
 
-    check_backend(cfg, backend)
     if getattr(backend, "jpeg", None) is None:
         raise BackendError(f"--decode device: the {backend.name} backend was not prepared for it")
     ring.control[CTRL_KINDS] = sum(KIND_BITS[k] for k in backend.jpeg.kinds)

@@ -75,6 +75,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from engine.errors import RunError
+
 CACHE_ENV = "IMAGENET_ENGINE_CACHE"
 PIXEL_PATH_VERSION = 1
 FORMAT_VERSION = 1
@@ -112,7 +114,7 @@ _CRC_BYTES = RECORD.itemsize - 4
 _BLOCK_WORDS = 512
 
 
-class PixelCacheError(RuntimeError):
+class PixelCacheError(RunError):
     """The pixel cache cannot be used as asked; the message says what to change."""
 
 
@@ -701,6 +703,15 @@ class PixelCache:
                 os.posix_fadvise(self._pix_fd, start, end - start, os.POSIX_FADV_WILLNEED)
             except (AttributeError, OSError):
                 pass
+
+    def mapping(self) -> Optional[Tuple[str, int, int]]:
+        """(pixels file, address of its mapping in this process, mapped bytes), or None when nothing
+        is mapped: a device process (engine/pipeline/devices.py) maps the same file and reads a
+        batch from `rows()` at the same offset, so cached pixels never travel through a pipe."""
+        if self._all is None:
+            return None
+        return (os.path.join(self.dir, "pixels"), int(self._all.__array_interface__["data"][0]),
+                int(self._mapped_rows * self._row_bytes))
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
         """Zero-copy uint8 [hi-lo, H, W, 3] view of rows [lo, hi) of the mapped pixels file. Only

@@ -33,11 +33,12 @@ from multiprocessing.connection import Connection
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 from engine.config import PreprocessSpec, format_resize
+from engine.errors import RunError
 from engine.pipeline.dataset import Dataset
 from engine.pipeline.ring import BUSY, EMPTY, FAILED, OK, Ring
 
 
-class PoolError(RuntimeError):
+class PoolError(RunError):
     """The pool cannot go on; the message names the worker, the image and the cause."""
 
 

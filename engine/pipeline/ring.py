@@ -35,6 +35,8 @@ Every slot is owned by exactly one party at a time, and only the parent moves it
   writes a JPEG's bytes only inside its chunk's part of the arena (rows lo..hi own bytes
   lo * per_image .. (hi + 1) * per_image), so no two workers write the same bytes; what does not fit
   there is decoded to pixels by the worker instead. Ownership of the arena is the slot's.
+- Layout: the offsets, status codes and views are in preprocess/ringlayout.py, which the
+  processes that attach (decode workers, device processes) import without importing `engine`.
 - Space: `check_space` refuses a ring bigger than the free space of /dev/shm, and the block's
   pages are allocated at creation (`_reserve`), so a mount that fills up later cannot SIGBUS the
   run half-way.
@@ -49,63 +51,15 @@ import re
 import secrets
 from typing import Optional, Tuple
 
-import numpy as np
-
+from engine.errors import RunError
 from engine.procs import pid_alive
-
-SHM_DIR = "/dev/shm"
-NAME_PREFIX = "iengine-"
-ALIGN = 4096
-
-# per-image status, written by the workers (see the NOTE above)
-EMPTY, BUSY, OK, FAILED = 0, 1, 2, 3
+from preprocess.ringlayout import (ALIGN, BUSY, CONTROL_WORDS, CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS,  # noqa: F401
+                                   EMPTY, FAILED, NAME_PREFIX, OK, SHM_DIR, Layout, RingView, arena_from_size,
+                                   attach_block)
 
 
-class RingError(RuntimeError):
+class RingError(RunError):
     """The ring cannot be created; the message gives the figures and what to change."""
-
-
-def _round_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
-
-
-class Layout:
-    """Byte offsets of every array in the block; the same arithmetic in parent and workers."""
-
-    def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0):
-        self.slots, self.batch, self.shape = slots, batch, tuple(shape)
-        self.image_bytes = int(np.prod(shape))
-        self.slot_bytes = _round_up(batch * self.image_bytes)
-        meta = slots * batch
-        self.labels_at = 0
-        self.indices_at = self.labels_at + 8 * meta
-        self.decode_ns_at = self.indices_at + 8 * meta
-        self.started_at = self.decode_ns_at + 8 * meta
-        self.status_at = self.started_at + 8 * meta
-        self.pixels_at = _round_up(self.status_at + meta)
-        self.size = self.pixels_at + slots * self.slot_bytes
-        # device decode: per-image offsets, lengths, routes; a control area; the byte arenas
-        # a whole number of pages per image, so the block's size gives the arena back exactly
-        self.arena_per_image = max(1, arena // batch // ALIGN) * ALIGN if arena else 0
-        self.arena_bytes = self.arena_per_image * batch  # per slot
-        if self.arena_bytes:
-            self.offsets_at = self.size
-            self.lengths_at = self.offsets_at + 8 * meta
-            self.route_at = self.lengths_at + 8 * meta
-            self.control_at = _round_up(self.route_at + meta, 64)
-            self.arena_at = _round_up(self.control_at + 8 * CONTROL_WORDS)
-            self.size = self.arena_at + slots * self.arena_bytes
-
-
-def arena_from_size(size: int, slots: int, batch: int, shape: Tuple[int, int, int]) -> int:
-    """The arena bytes per slot of a block of `size` bytes (how a worker learns it when attaching)."""
-    plain = Layout(slots, batch, shape, ALIGN * batch).arena_at
-    return (size - plain) // slots
-
-
-# the control area of a device-decode ring: float64 words written by the parent, read by workers
-CONTROL_WORDS = 8
-CTRL_HOST_SHARE, CTRL_KINDS, CTRL_MAX_PIXELS = 0, 1, 2
 
 
 def cleanup_stale(shm_dir: str = SHM_DIR) -> int:
@@ -178,89 +132,43 @@ def _space_message(nbytes: int, slots: int, batch: int, free: Optional[int], shm
             f"mount -o remount,size=... {shm_dir})")
 
 
-class Ring:
-    """K batch slots in one shared-memory block. Create in the parent; `attach` in workers."""
+class Ring(RingView):
+    """K batch slots in one shared-memory block. Create in the parent; `attach` (RingView's) in
+    the processes that use it."""
 
     def __init__(self, slots: int, batch: int, shape: Tuple[int, int, int], name: Optional[str] = None,
                  create: bool = True, arena: int = 0):
-        if arena < 0:  # attaching to a device-decode ring: the arena's size follows from the block's
-            arena = arena_from_size(os.stat(os.path.join(SHM_DIR, name or "")).st_size, slots, batch, shape)
-        self.layout = lay = Layout(slots, batch, shape, arena)
-        self.slots, self.batch, self.shape = slots, batch, tuple(shape)
-        self._owner = create
+        if not create:  # kept for callers of the old signature: attaching is RingView.attach
+            view = RingView.attach(name or "", slots, batch, shape, arena)
+            self.__dict__.update(view.__dict__)
+            self._owner, self._shm = False, None
+            return
+        lay = Layout(slots, batch, shape, arena)
+        self._owner = True
         self._shm = None
-        self._buf = None
-        if create:
-            cleanup_stale()
-            check_space(lay.size, slots, batch)
-            from multiprocessing import shared_memory
+        cleanup_stale()
+        check_space(lay.size, slots, batch)
+        from multiprocessing import shared_memory
 
-            name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=lay.size)
-            self.name = self._shm.name.lstrip("/")
-            try:
-                _reserve(self.name, lay.size, slots, batch)
-            except RingError:
-                self.close()
-                raise
-            self._buf = self._shm.buf
-        else:
-            assert name is not None, "attach needs the ring's name"
-            self.name = name
-            self._buf = _attach(name, lay.size)
-        buf = self._buf
-        meta = (slots, batch)
-        self.labels = np.ndarray(meta, np.int64, buf, lay.labels_at)
-        self.indices = np.ndarray(meta, np.int64, buf, lay.indices_at)
-        self.decode_ns = np.ndarray(meta, np.int64, buf, lay.decode_ns_at)
-        self.started = np.ndarray(meta, np.float64, buf, lay.started_at)  # worker's time.monotonic()
-        self.status = np.ndarray(meta, np.int8, buf, lay.status_at)
-        self._pixels = [
-            np.ndarray((batch,) + self.shape, np.uint8, buf, lay.pixels_at + k * lay.slot_bytes)
-            for k in range(slots)
-        ]
-        self.offsets = self.lengths = self.route = self.control = None
-        self._arenas = []
-        if lay.arena_bytes:
-            self.offsets = np.ndarray(meta, np.int64, buf, lay.offsets_at)
-            self.lengths = np.ndarray(meta, np.int64, buf, lay.lengths_at)
-            self.route = np.ndarray(meta, np.int8, buf, lay.route_at)
-            self.control = np.ndarray((CONTROL_WORDS,), np.float64, buf, lay.control_at)
-            self._arenas = [np.ndarray((lay.arena_bytes,), np.uint8, buf, lay.arena_at + k * lay.arena_bytes)
-                            for k in range(slots)]
+        name = f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=lay.size)
+        self.name = self._shm.name.lstrip("/")
+        try:
+            _reserve(self.name, lay.size, slots, batch)
+        except RingError:
+            self._shm.close()
+            self._shm.unlink()
+            raise
+        super().__init__(self._shm.buf, slots, batch, shape, arena)
 
     @classmethod
     def attach(cls, name: str, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0) -> "Ring":
         """`arena=-1`: a device-decode ring, its arena size read from the block's size."""
         return cls(slots, batch, shape, name=name, create=False, arena=arena)
 
-    def arena(self, slot: int) -> np.ndarray:
-        """The `uint8[arena_bytes]` compressed-bytes arena of a slot (device decode only)."""
-        return self._arenas[slot]
-
-    @property
-    def arena_per_image(self) -> int:
-        return self.layout.arena_per_image
-
-    def pixels(self, slot: int) -> np.ndarray:
-        """The `uint8[B, H, W, 3]` pixel array of a slot (a view into shared memory)."""
-        return self._pixels[slot]
-
-    def buffer(self) -> memoryview:
-        """The whole block, for backends that register it as pinned memory."""
-        return self._buf
-
-    @property
-    def nbytes(self) -> int:
-        return self.layout.size
-
     def close(self) -> None:
         """Drop the views; the owner also unlinks the block. Safe to call twice."""
-        self.labels = self.indices = self.decode_ns = self.started = self.status = None  # type: ignore[assignment]
-        self._pixels = []
-        self.offsets = self.lengths = self.route = self.control = None
-        self._arenas = []
-        buf, self._buf = self._buf, None
+        buf = self._drop_views()
         if self._shm is not None:
             shm, self._shm = self._shm, None
             try:
@@ -280,24 +188,3 @@ class Ring:
 
     def __enter__(self) -> "Ring":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _attach(name: str, size: int):
-    """Map an existing block without registering it with a resource tracker (workers never unlink)."""
-    path = os.path.join(SHM_DIR, name)
-    if os.path.isdir(SHM_DIR):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            return mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-    from multiprocessing import shared_memory  # pragma: no cover - non-Linux
-
-    try:
-        shm = shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
-    except TypeError:
-        shm = shared_memory.SharedMemory(name=name)
-    return shm.buf

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from engine.backends.base import Backend
+from engine.backends.base import Backend, DeviceLost
 from engine.pipeline.sources import Batch, Source
 
 
@@ -61,6 +61,7 @@ class PipelineStats:
     compute_s: float = 0.0
     reduce_s: float = 0.0
     decode_s: float = 0.0  # sum of per-image decode times, from the workers' clocks
+    redone_batches: int = 0  # batches decoded and submitted again after their device was lost
     batches: List[BatchTiming] = field(default_factory=list)
 
 
@@ -88,9 +89,9 @@ async def run_pipeline(source: Source, backend: Backend, n_images: int, batch_si
             fut = await source.fill(b, lo, min(batch_size, n_images - lo))
             fut.add_done_callback(filled.put_nowait)
 
-    async def device_batch(f: Batch):
-        nonlocal done_images
-        n = f.n
+    async def attempt(f: Batch):
+        """Submit, wait for the copy (then the batch's memory goes back to its source), wait for
+        the logits. Returns (logits, job, submitted, copied, done)."""
         try:
             stats.decode_s += f.decode_s
             t0 = time.monotonic()
@@ -100,7 +101,20 @@ async def run_pipeline(source: Source, backend: Backend, n_images: int, batch_si
         finally:
             f.release()
         logits = await loop.run_in_executor(executor, job.result)
-        t2 = time.monotonic()
+        return logits, job, t0, t1, time.monotonic()
+
+    async def device_batch(f: Batch):
+        nonlocal done_images
+        n = f.n
+        while True:
+            try:
+                logits, job, t0, t1, t2 = await attempt(f)
+                break
+            except DeviceLost:
+                # its device process died after copying it (engine/pipeline/devices.py): decode the
+                # batch again and give it to another device; it is reduced once, below
+                stats.redone_batches += 1
+                f = await (await source.fill(f.batch_no, f.start, n))
         ok, failures = f.ok, list(f.failures)
         late = job.failed_rows()  # images the backend itself failed to decode (--decode device)
         if late:

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine import __version__
 from engine.classes import imagenet_classes
+from engine.errors import UsageError
 from engine.config import RunConfig
 from engine.files import file_sha256
 from engine.scoring.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
@@ -27,7 +28,6 @@ from engine.pipeline.scheduler import BatchResult, PipelineStats
 from engine.scoring.writer import (RUN_FILE, OutputDir, OutputError, PartRows, PartWriter,
                            RowEncoder, create_once)
 
-EXIT_OK, EXIT_FAILED_IMAGES, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 DEFAULT_PART_SIZE = 10000
 
 # The run.json keys that decide the rows: a resume must match every one of them.
@@ -35,8 +35,11 @@ FINGERPRINT_KEYS = ("manifest_sha256", "manifest_images", "part_size", "format",
                     "ts_sha256", "backend", "precision", "num_classes", "preprocessing", "max_image_pixels")
 
 
-class MismatchError(ValueError):
+class OutputMismatchError(UsageError):
     """OUT holds another run (other manifest or configuration); the message lists the differences."""
+
+
+MismatchError = OutputMismatchError  # its name before export's own mismatch got one of its own
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,12 @@ def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Tuple
     run_path = out.file(RUN_FILE)
     if os.path.exists(run_path):
         if not opts.resume:
-            raise MismatchError(f"--out {opts.out} already holds a scoring run ({RUN_FILE}); run without "
+            raise OutputMismatchError(f"--out {opts.out} already holds a scoring run ({RUN_FILE}); run without "
                                 "--no-resume to resume it, or give a new --out")
         old = _read_json(run_path)
         diff = _differences(old, meta)
         if diff:
-            raise MismatchError(
+            raise OutputMismatchError(
                 f"--out {opts.out} holds a run with another manifest or configuration, refusing to mix them:\n  "
                 + "\n  ".join(diff)
                 + "\nresume with the same --data and options, or give a new --out")
@@ -135,14 +138,14 @@ def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Tuple
     if not create_once(manifest_path, manifest.text().encode("utf-8", "surrogateescape")):
         sha = _header_sha(manifest_path)
         if sha != manifest.sha256:
-            raise MismatchError(
+            raise OutputMismatchError(
                 f"--out {opts.out} holds the manifest of other images ({MANIFEST_FILE} sha256 {str(sha)[:12]}..., "
                 f"this --data gives {len(manifest):,} images, sha256 {manifest.sha256[:12]}...: files added, "
                 "removed or resized); give a new --out, or the --data it was made from")
     if not create_once(run_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()):
         diff = _differences(_read_json(run_path), meta)  # another shard created it meanwhile
         if diff:
-            raise MismatchError(f"--out {opts.out}: another process started a different run there:\n  "
+            raise OutputMismatchError(f"--out {opts.out}: another process started a different run there:\n  "
                                 + "\n  ".join(diff))
     return out, meta
 
@@ -314,19 +317,19 @@ class ScoreStats:
 
 
 class PartScorer:
-    """This engine's local pipeline (ring, worker pool, backend) scoring whole parts into OUT.
+    """Whole parts scored into OUT through a Session (engine/pipeline/session.py: ring, worker pool,
+    backend, pixel cache), in this process or in a Ray actor.
 
     `open()` once, `score(parts)` any number of times (a Ray actor scores part after part with
     the same pool and model), `close()` once.
     """
 
     def __init__(self, cfg: RunConfig, manifest: Manifest, out: OutputDir, meta: Dict, topk: int, part_size: int):
-        from engine.backends import create_backend
+        from engine.pipeline.session import Session
 
         self.manifest, self.out, self.meta = manifest, out, meta
         self.k, self.part_size = min(topk, cfg.num_classes), part_size
-        self.backend = create_backend(cfg)
-        self.cfg = cfg.replace(backend=self.backend.name)
+        self.session = Session(cfg, manifest.dataset())
         classes = imagenet_classes() if cfg.num_classes == 1000 else None
         parquet_meta = {
             "model": meta["model"], "weights_sha256": meta.get("weights_sha256") or "",
@@ -334,76 +337,37 @@ class PartScorer:
             "manifest_sha256": meta["manifest_sha256"], "imagenet_engine": meta,
         }
         self.encoder = RowEncoder(out.fmt, classes, parquet_meta)
-        self.ring = None
-        self.pool = None
-        self.cache = None  # --pixel-cache: the open PixelCache, read by `source`
-        self.source = None
-        self.pixel_cache: Optional[Dict] = None  # its report object, once closed
-        self.loop = None
-        self.task: Optional[asyncio.Task] = None
+        self.pixel_cache: Optional[Dict] = None  # --pixel-cache: its report object, once closed
         self.stop_signal: Optional[int] = None
 
-    def open(self) -> None:
-        from engine.pipeline.pool import WorkerPool
-        from engine.pipeline.encoded import make_ring
-        from engine.pipeline.scheduler import new_event_loop
+    @property
+    def cfg(self) -> RunConfig:
+        return self.session.cfg
 
-        cfg = self.cfg
-        self.loop = new_event_loop()
-        self.backend.prepare(cfg.batch_size)
+    def open(self) -> None:
+        s = self.session.open()
         # one model call on a resident batch, so the first parts do not pay the device's warm-up
         # (lazy initialisation, cuDNN autotuning); run-eval gets the same from its compute-only run
-        self.backend.compute_only(cfg.batch_size, 1, warmup=0)
-        self.ring = make_ring(cfg)  # with a byte arena for --decode device
-        self.backend.register_host_memory(self.ring.buffer())
-        # the fault settings of run-eval (getattr: they arrive with the pool's fault-handling options)
-        extra = {"image_timeout": getattr(cfg, "image_timeout", 120.0)}
-        if getattr(cfg, "max_image_pixels", None) is not None:
-            extra["max_image_pixels"] = cfg.max_image_pixels
-        dataset = self.manifest.dataset()
-        self.pool = WorkerPool(self.ring, dataset, cfg.preprocess, cfg.workers, **extra)
-        if getattr(cfg, "pixel_cache", None):
-            # the cache first, the pool (started only if something must be decoded) for the rest
-            from engine.evaluate import open_pixel_cache
-            from engine.pipeline.sources import CacheSource
-
-            self.cache, write = open_pixel_cache(cfg, dataset)
-            self.source = CacheSource(self.cache, dataset, self.pool, self.ring,
-                                      cfg.batch_size if self.backend.static_shape else 0, ahead=cfg.slots,
-                                      write=write)
-        else:
-            self.loop.run_until_complete(self.pool.start())
+        s.backend.compute_only(s.cfg.batch_size, 1, warmup=0)
+        if s.cache is None:
+            s.start()  # the workers; fed by the pixel cache, they start only if something must be decoded
 
     def describe(self) -> Dict:
-        return self.backend.describe()
+        return self.session.describe()
 
     def score(self, parts: Sequence[int], progress: Optional[Callable[[int, float], None]] = None,
               handle_signals: bool = False) -> ScoreStats:
         """Score and commit these parts. Raises the writer's error (disk full) or the pool's."""
-        assert self.loop is not None, "open() first"
         stats = ScoreStats()
-        self.task = self.loop.create_task(self._score(list(parts), stats, progress))
-        signals = None
-        if handle_signals:
-            from engine.evaluate import StopSignals
-
-            signals = StopSignals(self.loop, self.task, self.ring)
+        self.session.handle_signals = handle_signals
         try:
-            self.loop.run_until_complete(self.task)
-        except asyncio.CancelledError:
-            if signals is None or signals.signum is None:
-                raise
-            self.stop_signal = signals.signum
+            self.session.until_done(self._score(list(parts), stats, progress))
         finally:
-            if signals is not None:
-                signals.remove()
-            self.task = None
+            self.session.handle_signals = False
+        self.stop_signal = self.session.stopped
         return stats
 
     async def _score(self, parts: List[int], stats: ScoreStats, progress) -> None:
-        from engine.pipeline.scheduler import run_pipeline
-        from engine.pipeline.encoded import make_source
-
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
 
@@ -413,7 +377,7 @@ class PartScorer:
         writer = PartWriter(self.out, self.encoder, on_error, extra={"engine_version": __version__})
         router = PartRouter(self.manifest, self.part_size, self.k, writer)
         t0 = time.monotonic()
-        cfg, n = self.cfg, len(self.manifest)
+        n = len(self.manifest)
 
         def prog(done: int, elapsed: float) -> None:
             if progress is not None:
@@ -424,17 +388,9 @@ class PartScorer:
             for first, end in contiguous_runs(parts):
                 lo = self.manifest.part_range(first, self.part_size)[0]
                 hi = min(n, end * self.part_size)
-                if self.source is not None:  # one CacheSource for every run: its slots outlive a run
-                    source = self.source
-                    await source.start(lo, hi)
-                else:
-                    source = make_source(self.pool, self.ring, self.backend, cfg,
-                                         cfg.batch_size if self.backend.static_shape else 0)
-                await run_pipeline(source, self.backend, hi, cfg.batch_size, cfg.inflight,
-                                   router.reduce, prog, start=lo, stats=stats.pipeline)
+                await self.session.pipeline(lo, hi, router.reduce, prog, stats=stats.pipeline)
                 base += hi - lo
-            if self.source is not None:
-                await self.source.finish()
+            await self.session.finish()
         except asyncio.CancelledError:
             if writer.error is not None:
                 raise writer.error
@@ -453,26 +409,8 @@ class PartScorer:
                 stats.wall_s = time.monotonic() - t0
 
     def close(self) -> None:
-        if self.source is not None:
-            self.source.close()
-            self.pixel_cache = self.source.stats()
-            self.source = None
-        if self.cache is not None:
-            from engine.evaluate import close_pixel_cache
-
-            close_pixel_cache(self.cache)
-            self.cache = None
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-        if self.loop is not None:
-            self.loop.close()
-            self.loop = None
-        self.backend.unregister_host_memory()
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        self.backend.close()
+        self.session.close()
+        self.pixel_cache = self.session.pixel_cache
 
 
 def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:

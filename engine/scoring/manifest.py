@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from engine.errors import UsageError
 from engine.classes import imagenet_classes
 from engine.pipeline.dataset import UNLABELLED, Dataset, DatasetError, build_unlabelled
 
@@ -35,11 +36,11 @@ _NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
 _ESCAPED = re.compile(r"\\[\\tnr]")
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest file is unreadable or does not match its hash; the message says which."""
 
 
-class ShardError(ValueError):
+class ShardError(UsageError):
     """A bad --shard, or a Slurm / RANK environment that names no valid shard."""
 
 

@@ -27,9 +27,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from engine import __version__
 from engine.config import RunConfig
-from engine.scoring.job import (DEFAULT_PART_SIZE, EXIT_ERROR, EXIT_FAILED_IMAGES, EXIT_OK, EXIT_USAGE, MismatchError,
+from engine.errors import EXIT_ERROR, EXIT_FAILED_IMAGES, EXIT_OK
+from engine.scoring.job import (DEFAULT_PART_SIZE,
                                 ScoreOptions, ScoreStats, open_job, score_local)
-from engine.scoring.writer import FORMATS, DiskFullError, OutputError
+from engine.scoring.writer import FORMATS
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -63,7 +64,12 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
     """Score `cfg.data` into `opts.out`; prints the summary; returns (summary, exit status)."""
     out = out or sys.stdout
     t0 = time.monotonic()
-    if opts.ray is None and cfg.backend == "auto":
+    if opts.ray is not None and cfg.devices:
+        from engine.config import ConfigError
+
+        raise ConfigError("--devices with --ray: Ray places its actors on the devices itself (one per GPU/NPU, "
+                          "--ray-actors); drop --devices")
+    if opts.ray is None and cfg.backend == "auto" and not cfg.devices:  # --devices: a device process picks
         from engine.backends import resolve_auto
 
         cfg = cfg.replace(backend=resolve_auto())
@@ -157,39 +163,21 @@ def score_parser() -> argparse.ArgumentParser:
 
 
 def run_score_main(argv: Optional[List[str]] = None, environ: Mapping[str, str] = os.environ) -> int:
-    from engine.backends.base import BackendError
+    from engine.commands import main
+
+    return main("run-score", lambda args: _run_score_command(args, environ), argv)
+
+
+def _run_score_command(argv: Optional[List[str]], environ: Mapping[str, str]) -> int:
     from engine.cli import config_from_args
-    from engine.config import ConfigError
-    from engine.pipeline.dataset import DatasetError
-    from engine.scoring.manifest import ManifestError, ShardError
-    from engine.pipeline.pool import PoolError
     from engine.report.output import write_json
-    from engine.pipeline.pixelcache import PixelCacheError
-    from engine.pipeline.ring import RingError
 
     p = score_parser()
     a = p.parse_args(argv)
-    try:
-        cfg = config_from_args(a, data=a.data, limit=a.limit, labels=None, json_path=a.json)
-        opts = ScoreOptions(out=a.out, topk=a.topk, fmt=a.format, part_size=a.part_size, shard=a.shard,
-                            resume=a.resume, ray=a.ray, ray_actors=a.ray_actors)
-        summary, status = run_score(cfg, opts, environ=environ)
-        if a.json:
-            write_json(a.json, summary)
-        return status
-    except (ConfigError, DatasetError, ManifestError, MismatchError, ShardError) as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DiskFullError as e:
-        print(f"run-score: error: {e}; nothing half-written is recorded as done and finished parts are kept: "
-              "make room (or use another --out) and run the same command again to resume", file=sys.stderr)
-        return EXIT_ERROR
-    except OutputError as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (BackendError, PoolError, RingError, PixelCacheError) as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
-        print(f"run-score: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    cfg = config_from_args(a, data=a.data, limit=a.limit, labels=None, json_path=a.json)
+    opts = ScoreOptions(out=a.out, topk=a.topk, fmt=a.format, part_size=a.part_size, shard=a.shard,
+                        resume=a.resume, ray=a.ray, ray_actors=a.ray_actors)
+    summary, status = run_score(cfg, opts, environ=environ)
+    if a.json:
+        write_json(a.json, summary)
+    return status

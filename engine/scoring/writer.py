@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from engine.errors import RunError
 from engine.procs import pid_alive
 
 RUN_FILE = "run.json"
@@ -53,12 +54,15 @@ COLUMNS = ("id", "path", "topk_index", "topk_prob", "top1_wnid", "top1_name", "e
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class OutputError(RuntimeError):
+class OutputError(RunError):
     """The output folder cannot be written; the message says why and what to do."""
 
 
 class DiskFullError(OutputError):
     """No space left (ENOSPC or EDQUOT) while writing a file of the output folder."""
+
+    hint = ("nothing half-written is recorded as done and finished parts are kept: make room (or use another "
+            "--out) and run the same command again to resume")
 
     def __init__(self, path: str, error: OSError):
         free = ""

@@ -42,12 +42,14 @@ _MAX_RANK = 8
 
 
 def set_device(device_id):
-    """Select the NPU (``int``; the stand-in has only device 0; default 0)."""
+    """Select the NPU (``int``; the stand-in has ``FAKE_AIE_DEVICES`` devices, 1 by default; default 0)."""
     _stand_in.check_alive("torch_aie.set_device")
     if not isinstance(device_id, int) or isinstance(device_id, bool):
         raise TypeError("set_device expects an int device id, got %r" % (device_id,))
-    if device_id != 0:
-        raise RuntimeError("invalid device id %d: this machine has 1 NPU (id 0)" % device_id)
+    count = _stand_in.DEVICES
+    if not 0 <= device_id < count:
+        raise RuntimeError("invalid device id %d: this machine has %d NPU(s) (ids 0..%d)"
+                           % (device_id, count, count - 1))
     _stand_in.CURRENT_DEVICE = device_id
 
 

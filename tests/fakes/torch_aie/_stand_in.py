@@ -15,6 +15,7 @@ ACCEPT_UINT8         FAKE_AIE_ACCEPT_UINT8   False    let Input take uint8 (undo
 EMULATE_PINNED       FAKE_AIE_PINNED         False    make Tensor.pin_memory()/is_pinned() work
 COMPILE_SECONDS      FAKE_AIE_COMPILE_S      0.0      simulated wall time of one compile()
 COMPILE_LOG          FAKE_AIE_COMPILE_LOG    None     file: one JSON line appended per compile()
+DEVICES              FAKE_AIE_DEVICES        1        NPUs the machine has (set_device accepts 0..N-1)
 ===================  ======================  =======  ===============================================
 
 The defaults approximate ResNeXt-50 on a 310P3 (TORCH_AIE.md's table: ~1,100 img/s at
@@ -53,6 +54,7 @@ def _load_from_env():
         "EMULATE_PINNED": _env_bool("FAKE_AIE_PINNED"),
         "COMPILE_SECONDS": _env_float("FAKE_AIE_COMPILE_S", 0.0),
         "COMPILE_LOG": os.environ.get("FAKE_AIE_COMPILE_LOG") or None,
+        "DEVICES": int(_env_float("FAKE_AIE_DEVICES", 1)),
     }
 
 
@@ -60,6 +62,7 @@ DEVICE_MS_PER_BATCH = DEVICE_MS_PER_IMAGE = H2D_GBPS = D2H_GBPS = None
 ACCEPT_UINT8 = EMULATE_PINNED = False
 COMPILE_SECONDS = 0.0
 COMPILE_LOG = None
+DEVICES = 1
 
 COMPILE_CALLS = 0
 LAST_COMPILE_KWARGS = None

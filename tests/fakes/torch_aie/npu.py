@@ -39,8 +39,13 @@ def _device_index(device):
         if dev.type != "npu":
             raise ValueError("expected an npu device, got %r" % (device,))
         index = 0 if dev.index is None else dev.index
-    if index != 0:
-        raise RuntimeError("invalid npu device %r: the stand-in has one device, npu:0" % (device,))
+    from . import _stand_in
+
+    if not 0 <= index < _stand_in.DEVICES:
+        raise RuntimeError("invalid npu device %r: the stand-in has %d device(s), npu:0..npu:%d (FAKE_AIE_DEVICES)"
+                           % (device, _stand_in.DEVICES, _stand_in.DEVICES - 1))
+    # one simulated chip per process: npu:K is the chip of the process that set device K (its
+    # tensors still say npu:0, as the wrapper subclass has one device)
     return index
 
 
