@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from engine.cli import add_model_args, add_pixel_cache_args, add_preprocess_args, config_from_args, positive_int
+from engine.cli import (add_model_args, add_pipeline_args, add_pixel_cache_args, add_preprocess_args, config_from_args,
+                        positive_int)
 from engine.config import ConfigError, RunConfig
 from engine.errors import EXIT_OK
 
@@ -58,10 +59,11 @@ def end_to_end(cfg: RunConfig, data: str, batch_size: int) -> Dict:
 def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: int, e2e: Optional[str] = None,
               log=sys.stderr) -> Dict:
     """Measure every batch size (and end to end on `e2e`); returns `{"results": [...], "config": {...}}`."""
-    from engine.backends import create_backend, resolve_auto
+    from engine.backends import resolve_auto
+    from engine.pipeline.session import create_backend
     from engine.report.output import environment
 
-    if cfg.backend == "auto":
+    if cfg.backend == "auto" and not cfg.devices:  # --devices: a device process picks
         cfg = cfg.replace(backend=resolve_auto())
     compute_cfg = cfg
     if cfg.backend == "cpu" and not cfg.threads:
@@ -69,7 +71,7 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
 
         compute_cfg = cfg.replace(threads=usable_cores())  # compute only: no decode workers to leave room for
     largest = max(batch_sizes)
-    backend = create_backend(compute_cfg.replace(batch_size=largest))
+    backend = create_backend(compute_cfg.replace(batch_size=largest))  # --devices: the device processes
     results = []
     info: Dict = {}
     try:
@@ -79,6 +81,13 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
             if cfg.shape == "static":
                 backend.prepare(b)
             row = latency_row(b, backend.compute_only(b, iterations, warmup))
+            per_device = backend.devices_report(0.0)
+            if per_device:  # --devices: all at once (the host's figure is their sum), then each alone
+                backend.compute_only_alone(b, iterations)
+                row["devices"] = [dict(latency_row(b, d.latencies), id=d.id, img_per_s_alone=d.compute_only_alone)
+                                  for d in backend.devices if d.alive]
+                row["img_per_s"] = sum(d["img_per_s"] for d in row["devices"])
+                row["img_per_s_alone_sum"] = sum(d["img_per_s_alone"] or 0.0 for d in row["devices"])
             info = backend.describe()
             results.append(row)
             print(f"run-bench: batch {b}: {row['latency_ms']['mean']:.3f} ms, {row['img_per_s']:,.1f} img/s",
@@ -123,6 +132,17 @@ def format_table(bench: Dict) -> str:
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda cells: " | ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [head, line(cols), "-+-".join("-" * w for w in widths)] + [line(row) for row in rows]
+    if any(r.get("devices") for r in bench["results"]):
+        out += ["", "per device (ais_bench's fields: latency of one call on that device while every device runs; "
+                    "throughput = batch / mean latency; the host row is their sum)",
+                "  batch  device    mean ms     p50 ms     p99 ms        img/s  alone img/s"]
+        for r in bench["results"]:
+            for d in r.get("devices", []):
+                lat = d["latency_ms"]
+                out.append(f"  {r['batch_size']:>5}  {d['id']:>6} {lat['mean']:>10.3f} {lat['p50']:>10.3f} "
+                           f"{lat['p99']:>10.3f} {d['img_per_s']:>12,.1f} {d['img_per_s_alone'] or 0.0:>12,.1f}")
+            out.append(f"  {r['batch_size']:>5}    host {'':>10} {'':>10} {'':>10} {r['img_per_s']:>12,.1f} "
+                       f"{r['img_per_s_alone_sum']:>12,.1f}")
     if bench["results"]:
         best = max(bench["results"], key=lambda r: r["img_per_s"])
         out.append(f"best: batch {best['batch_size']}, {best['img_per_s']:,.1f} img/s compute only")
@@ -182,12 +202,7 @@ def bench_parser() -> argparse.ArgumentParser:
     e.add_argument("--e2e", metavar="DATA", help="also run run-eval on this image folder at every batch size")
     e.add_argument("--labels", metavar="FILE", help="for a flat --e2e folder: lines 'FILENAME INDEX'")
     e.add_argument("--limit", type=positive_int, help="only the first N images of --e2e")
-    e.add_argument("--workers", type=positive_int, default=1, help="decode workers for --e2e (default: 1)")
-    e.add_argument("--inflight", type=positive_int, default=3, help="batches on the device at once (default: 3)")
-    e.add_argument("--ring-slots", type=positive_int, default=0, help="(default: in-flight batches + 2)")
-    e.add_argument("--threads", type=positive_int, default=0,
-                   help="cpu backend: torch threads (default: every core for compute only, the cores the "
-                        "workers leave for --e2e)")
+    add_pipeline_args(p, title="pipeline of --e2e", exclude=("batch_size", "compute_only_iters", "progress"))
     add_pixel_cache_args(p)  # for --e2e: every batch size after the first reads the cache
     p.set_defaults(batch_size=1, compute_only_iters=0, no_progress=True)
     return p

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from engine import __version__
-from engine.config import (BACKENDS, DECODE_MODES, INTERPOLATIONS, NAMED_PRESETS, PRECISIONS, SHAPES, ConfigError,
+from engine.config import (BACKENDS, default_precision, DECODE_MODES, INTERPOLATIONS, NAMED_PRESETS, PRECISIONS, SHAPES, ConfigError,
                            Resize, RunConfig, parse_resize, parse_triple, resolve_config)
+
+
+def default(field_name: str):
+    """A flag's default: the `RunConfig` field's own, so no default is written twice."""
+    return RunConfig.__dataclass_fields__[field_name].default
 
 
 def positive_int(text: str) -> int:
@@ -51,20 +56,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (aie if torch_aie imports, else npu if torch_npu imports, else cuda if torch sees "
                         "a GPU, else cpu; the choice is printed with its reason), cpu, sim (simulated "
                         "accelerator), cuda, aie (torch_aie), npu (torch_npu) (default: %(default)s)")
-    g.add_argument("--device", type=int, default=0, help="device id for cuda/aie/npu (default: 0)")
-    g.add_argument("--devices", metavar="LIST|all", default="",
+    g.add_argument("--device", type=int, default=default("device"), help="device id for cuda/aie/npu (default: %(default)s)")
+    g.add_argument("--devices", metavar="LIST|all", default=default("devices"),
                    help="run on several devices at once, one device process each: ids like 0,1 or 0-7, or all (every "
                         "device the backend reports); batches go to whichever device is free and the report has a "
                         "row per device (docs/devices.md). cpu and sim: name the ids (cpu splits the cores the "
                         "workers leave); overrides --device")
-    g.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="fp32, fp16 or bf16 (default: fp16 on aie/npu/cuda, fp32 on cpu)")
-    g.add_argument("--shape", default="static", choices=SHAPES,
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="fp32, fp16 or bf16; auto: fp16 on aie/npu/cuda, fp32 on cpu and sim (default: auto)")
+    g.add_argument("--shape", default=default("shape"), choices=SHAPES,
                    help="aie: compile one batch size (static, pads a short last batch) or a range 1..B "
                         "(dynamic) (default: %(default)s)")
-    g.add_argument("--soc-version", default="Ascend310P3", help="aie: target chip (default: %(default)s)")
-    g.add_argument("--optimization-level", type=int, default=0, choices=(0, 1, 2),
-                   help="aie: 0 none, 1 graph optimisation, 2 operator tuning (slow compile) (default: 0)")
+    g.add_argument("--soc-version", default=default("soc_version"), help="aie: target chip (default: %(default)s)")
+    g.add_argument("--optimization-level", type=int, default=default("optimization_level"), choices=(0, 1, 2),
+                   help="aie: 0 none, 1 graph optimisation, 2 operator tuning (slow compile) (default: %(default)s)")
     g.add_argument("--cache-dir", metavar="DIR",
                    help="where compiled models are cached (default: $IMAGENET_ENGINE_CACHE or "
                         "~/.cache/imagenet-engine)")
@@ -72,9 +77,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="cuda: capture the model as a CUDA graph and replay it (static shape: a short last "
                         "batch is padded)")
-    g.add_argument("--sim-batch-ms", type=non_negative_float, default=10.0,
+    g.add_argument("--sim-batch-ms", type=non_negative_float, default=default("sim_batch_ms"),
                    help="sim: device time per batch in ms (default: %(default)s)")
-    g.add_argument("--sim-h2d-gbps", type=non_negative_float, default=0.0,
+    g.add_argument("--sim-h2d-gbps", type=non_negative_float, default=default("sim_h2d_gbps"),
                    help="sim: host-to-device copy bandwidth in GB/s, 0 for free copies (default: %(default)s)")
 
 
@@ -120,13 +125,13 @@ def share_or_auto(text: str) -> float:
 
 def add_device_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device decode (--decode device, docs/gpu-decode.md)")
-    g.add_argument("--host-decode-share", type=share_or_auto, default=-1.0, metavar="FRACTION|auto",
+    g.add_argument("--host-decode-share", type=share_or_auto, default=default("host_decode_share"), metavar="FRACTION|auto",
                    help="share of the JPEGs the GPU could decode that the workers decode instead, so neither "
                         "waits for the other; auto: from the measured rates of both (default: auto)")
-    g.add_argument("--decode-arena-kib", type=positive_int, default=256, metavar="KIB",
+    g.add_argument("--decode-arena-kib", type=positive_int, default=default("decode_arena_kib"), metavar="KIB",
                    help="compressed bytes per image in a ring slot; a larger file is decoded by the workers "
                         "(default: %(default)s)")
-    g.add_argument("--device-resize", choices=("pil", "tensor"), default="pil",
+    g.add_argument("--device-resize", choices=("pil", "tensor"), default=default("device_resize"),
                    help="pil: Pillow's fixed-point resampling computed on the GPU for the crop (exact mode's "
                         "pixels from the same decoded image); tensor: torchvision's antialiased float resize "
                         "(within one level of Pillow's) (default: %(default)s)")
@@ -137,28 +142,40 @@ def positive_int_or_auto(text: str) -> int:
     return 0 if text == "auto" else positive_int(text)
 
 
-def add_pipeline_args(p: argparse.ArgumentParser, batch_default: int = 64, allow_auto: bool = False) -> None:
-    g = p.add_argument_group("pipeline")
+def add_pipeline_args(p: argparse.ArgumentParser, allow_auto: bool = False, title: str = "pipeline",
+                      exclude: Tuple[str, ...] = ()) -> None:
+    """The pipeline's options (each declared here only); `exclude` leaves out those a command sets
+    itself (run-bench: its own --batch-sizes)."""
+    g = p.add_argument_group(title)
     number = positive_int_or_auto if allow_auto else positive_int
     auto = "; auto: measured before the run, the choice and its reasons are printed" if allow_auto else ""
-    g.add_argument("--batch-size", type=number, default=batch_default, help=f"(default: %(default)s{auto})")
+    if "batch_size" not in exclude:
+        g.add_argument("--batch-size", type=number, default=default("batch_size"), help=f"(default: %(default)s{auto})")
     # "auto" where the command can measure (run-eval); a number always wins
-    g.add_argument("--workers", type=number, default="auto" if allow_auto else 1,
+    g.add_argument("--workers", type=number, default="auto" if allow_auto else default("workers"),
                    help=f"decode worker processes (default: %(default)s{auto})")
-    g.add_argument("--ring-slots", type=positive_int, default=0,
+    g.add_argument("--ring-slots", type=positive_int, default=default("ring_slots"),
                    help="batch slots in shared memory (default: in-flight batches + 2)")
-    g.add_argument("--inflight", type=positive_int, default=3,
-                   help="batches on the device at once (default: %(default)s)")
-    g.add_argument("--threads", type=positive_int, default=0,
-                   help="cpu backend: torch threads (default: the cores the workers leave)")
-    g.add_argument("--compute-only-iters", type=positive_int, default=0,
-                   help="model calls timed for the compute-only figure (default: about 2 s worth)")
-    g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    g.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
+    g.add_argument("--inflight", type=positive_int, default=default("inflight"),
+                   help="batches on each device at once (default: %(default)s)")
+    g.add_argument("--threads", type=positive_int, default=default("threads"),
+                   help="cpu backend: torch threads (default: the cores the workers leave; run-bench's compute "
+                        "only: every core)")
+    if "compute_only_iters" not in exclude:
+        g.add_argument("--compute-only-iters", type=positive_int, default=default("compute_only_iters"),
+                       help="model calls timed for the compute-only figure (default: about 2 s worth)")
+    add_image_fault_args(g)
+    if "progress" not in exclude:
+        g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def add_image_fault_args(g) -> None:
+    """`--max-image-pixels` and `--image-timeout`: the same on every command that decodes."""
+    g.add_argument("--max-image-pixels", type=positive_int, default=default("max_image_pixels"), metavar="N",
                    help="fail images with more pixels than this as decompression bombs; raise it to score "
                         "huge images (a worker decoding one needs about 5 bytes per pixel: 1.3 GB for "
-                        "16000x16000) (default: Pillow's limit, 178956970)")
-    g.add_argument("--image-timeout", type=non_negative_float, default=120.0, metavar="S",
+                        "16000x16000) (default: Pillow's limit, 178956970); the pixel cache is keyed by it")
+    g.add_argument("--image-timeout", type=non_negative_float, default=default("image_timeout"), metavar="S",
                    help="a worker stuck this long on one image is killed and the image retried once, then "
                         "failed (default: %(default)s)")
 
@@ -208,33 +225,33 @@ def preprocess_overrides(a: argparse.Namespace) -> dict:
     }
 
 
+# RunConfig fields whose flag is not named after them, or whose value is not the flag's as given
+_NOT_BY_NAME = ("model", "preprocess", "preset", "precision", "pixel_cache", "use_cache", "progress", "json_path",
+                "trace_path")
+
+
 def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
-    """Resolve the preset for --model with every preprocessing flag given, into a RunConfig."""
-    overrides = preprocess_overrides(a)
-    precision = a.precision
-    if precision is None:
-        backend = a.backend
-        if backend == "auto":  # the default precision follows the backend auto will pick
+    """Every option given to a command into one RunConfig: the fields named like their flags taken
+    as they are, the preprocessing resolved from --preset / --model with every preprocessing flag
+    given, the rest (and a command's own settings) in `extra`. What a command does not take keeps
+    the RunConfig default."""
+    given = vars(a)
+    fields = {f: given[f] for f in RunConfig.__dataclass_fields__ if f in given and f not in _NOT_BY_NAME}
+    precision = given.get("precision") or "auto"
+    backend = given.get("backend", default("backend"))
+    if precision == "auto" and not (backend == "auto" and given.get("devices")):
+        # the default precision follows the backend auto will pick; with --devices a device process
+        # picks both (engine/backends/__init__.py create_backend), so nothing is probed here
+        if backend == "auto":
             from engine.backends import resolve_auto
 
             backend = resolve_auto(verbose=False)
-        precision = "fp32" if backend in ("cpu", "sim") else "fp16"
-    fields = dict(
-        data=getattr(a, "data", None), labels=getattr(a, "labels", None), limit=getattr(a, "limit", None),
-        weights=a.weights, ts=a.ts, backend=a.backend, device=a.device, devices=a.devices, precision=precision,
-        shape=a.shape,
-        soc_version=a.soc_version, optimization_level=a.optimization_level, cache_dir=a.cache_dir,
-        use_cache=not a.no_cache, batch_size=a.batch_size, workers=a.workers, ring_slots=a.ring_slots,
-        inflight=a.inflight, threads=a.threads, compute_only_iters=a.compute_only_iters,
-        cuda_graphs=a.cuda_graphs,
-        max_image_pixels=getattr(a, "max_image_pixels", None), image_timeout=getattr(a, "image_timeout", 120.0),
-        sim_batch_ms=a.sim_batch_ms, sim_h2d_gbps=a.sim_h2d_gbps, progress=not a.no_progress,
-        pixel_cache=pixel_cache_dir(a), cache_verify=getattr(a, "cache_verify", False),
-        host_decode_share=getattr(a, "host_decode_share", -1.0), decode_arena_kib=getattr(a, "decode_arena_kib", 256),
-        device_resize=getattr(a, "device_resize", "pil"),
-    )
+        precision = default_precision(backend)
+    fields.update(precision=precision, use_cache=not given.get("no_cache", False),
+                  progress=not given.get("no_progress", False), pixel_cache=pixel_cache_dir(a))
     fields.update(extra)
-    return resolve_config(a.model, overrides, preset=getattr(a, "preset", None), **fields)
+    return resolve_config(given.get("model", "resnext50_32x4d"), preprocess_overrides(a), preset=given.get("preset"),
+                          **fields)
 
 
 def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
@@ -242,12 +259,7 @@ def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
     default folder, as `--pixel-cache` without DIR does on run-eval."""
     from engine.pipeline.pixelcache import default_pixel_cache_dir
 
-    overrides = preprocess_overrides(a)
-    return resolve_config(
-        a.model, overrides, data=a.data, labels=a.labels, limit=a.limit, backend="cpu", batch_size=a.batch_size,
-        workers=a.workers, max_image_pixels=a.max_image_pixels, image_timeout=a.image_timeout,
-        pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir(), cache_verify=a.cache_verify,
-        progress=not a.no_progress, preset=a.preset)
+    return config_from_args(a, backend="cpu", pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir())
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 DECODE_MODES = ("exact", "fast", "device")  # device: JPEGs decoded on the GPU (engine/pipeline/encoded.py)
 BACKENDS = ("auto", "cpu", "sim", "cuda", "aie", "npu")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: default_precision of the backend that runs
+
+
+def default_precision(backend: str) -> str:
+    """`--precision auto`: fp32 on the host (cpu, sim), fp16 on an accelerator."""
+    return "fp32" if backend in ("cpu", "sim") else "fp16"
+
 SHAPES = ("static", "dynamic")
 
 

@@ -181,8 +181,9 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     if session.pixel_cache is not None:
         report["pixel_cache"] = session.pixel_cache
         with_pixel_cache(report["profile"], report["pixel_cache"])  # the verdict knows what fed the run
-    if getattr(session.backend, "devices_report", None) is not None:  # --devices
-        with_devices(report, session.backend.devices_report(stats.wall_s), stats.redone_batches)
+    devices = session.backend.devices_report(stats.wall_s) if session.backend is not None else None
+    if devices:  # --devices
+        with_devices(report, devices, stats.redone_batches)
     text = format_eval(report)
     if report.get("devices"):
         text += "\n" + format_devices(report)

@@ -30,7 +30,7 @@ EXPORT_FORMATS = ("uint8-hwc", "float32-nchw")
 
 
 def cache_parser() -> argparse.ArgumentParser:
-    from engine.cli import add_data_args, add_pixel_cache_args, add_preprocess_args, non_negative_float, positive_int
+    from engine.cli import add_data_args, add_image_fault_args, add_pixel_cache_args, add_preprocess_args, default, positive_int
 
     p = argparse.ArgumentParser(
         prog="make-cache", allow_abbrev=False,
@@ -47,12 +47,9 @@ def cache_parser() -> argparse.ArgumentParser:
 
     g.add_argument("--workers", type=positive_int, default=usable_cores(),
                    help="decode worker processes (default: every usable core, %(default)s here)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="images per ring slot (default: %(default)s)")
-    g.add_argument("--max-image-pixels", type=positive_int, default=None, metavar="N",
-                   help="as run-eval: fail images with more pixels than this (default: Pillow's limit); the cache "
-                        "is keyed by it")
-    g.add_argument("--image-timeout", type=non_negative_float, default=120.0, metavar="S",
-                   help="as run-eval (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=default("batch_size"),
+                   help="images per ring slot (default: %(default)s)")
+    add_image_fault_args(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     e = p.add_argument_group("export (ModelZoo .bin files)")
     e.add_argument("--export-bin", metavar="OUT",

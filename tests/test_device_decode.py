@@ -369,9 +369,10 @@ def mixed_set(tmp_path_factory):
 
 def _eval(monkeypatch, cfg, cls):
     import engine.evaluate as ev
+    import engine.pipeline.session as session
 
-    if cls is not None:
-        monkeypatch.setattr(ev, "create_backend", lambda c: cls(c))
+    if cls is not None:  # the Session creates the run's backend
+        monkeypatch.setattr(session, "create_backend", lambda c: cls(c))
     return ev.run_eval(cfg, out=io.StringIO())
 
 

@@ -77,6 +77,10 @@ def create_backend(config: RunConfig) -> Backend:
         config = config.replace(backend=name)
     if name not in REGISTRY:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    if config.precision == "auto":
+        from engine.config import default_precision
+
+        config = config.replace(precision=default_precision(name))
     module, cls = REGISTRY[name]
     try:
         mod = importlib.import_module(module)

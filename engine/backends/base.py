@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -111,6 +111,17 @@ class Backend:
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         """Wall time of `iterations` model calls on a resident batch, each ending synchronised."""
         raise NotImplementedError
+
+    def compute_only_alone(self, batch_size: int, iterations: int) -> None:
+        """Several devices (--devices): measure each one's compute-only alone too (what ais_bench
+        sums); one device has nothing more to measure."""
+
+    def devices_report(self, wall_s: float) -> Optional[List[Dict]]:
+        """Several devices (--devices): one object per device for the report; None for one."""
+        return None
+
+    def stopping(self) -> None:
+        """A stop signal arrived: the run is being cancelled (nothing to do for one device)."""
 
     def describe(self) -> Dict:
         """What ran: device, precision, model source; goes into the report."""

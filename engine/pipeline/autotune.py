@@ -116,13 +116,15 @@ def choose_workers(per_worker: float, device_rate: float, cores: int, cpu_backen
     return pick, why
 
 
-def autotune(cfg, ds, backend, log=sys.stderr):
+def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
     """Resolve `--batch-size auto` (batch_size 0) and `--workers auto` (workers 0).
 
     Returns (cfg with both set, backend prepared for the chosen batch size, autotune report).
-    The backend may be replaced (the cpu backend sizes its threads from the worker count).
+    The backend may be replaced (the cpu backend sizes its threads from the worker count), made
+    by `create_backend(cfg)` (the Session's: with --devices, device processes measure and run).
     """
-    from engine.backends import create_backend
+    if create_backend is None:
+        from engine.backends import create_backend
 
     report: Dict = {}
     cores = usable_cores()

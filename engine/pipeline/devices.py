@@ -135,6 +135,7 @@ class _Device:
         self.busy_s = 0.0
         self.compute_only: Optional[float] = None
         self.compute_only_alone: Optional[float] = None
+        self.latencies: List[float] = []  # of its last compute-only call (all devices at once)
         self.info: Dict = {}
         self.name = ""
         self.count: Optional[int] = None
@@ -457,6 +458,7 @@ class DeviceGroup(Backend):
                     continue
                 reply = dev.replies.pop(0)
             lat = list(reply[1])
+            dev.latencies = lat
             dev.compute_only = batch_size / float(np.mean(lat)) if lat else None
             per.append(lat)
         if not per:

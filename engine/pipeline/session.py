@@ -103,14 +103,15 @@ class Session:
         self.loop = new_event_loop(self.loop_kind)
         if self.device:
             if self.backend is None:
-                self.backend = _create_backend(cfg)
+                self.backend = create_backend(cfg)
                 check_backend(cfg, self.backend)  # --decode device: before the model loads
                 self.cfg = cfg = cfg.replace(backend=self.backend.name)
                 if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
                     from engine.pipeline.autotune import autotune
 
                     auto_reason = self.backend.auto_reason
-                    self.cfg, self.backend, self.autotune = autotune(cfg, self.dataset, self.backend, log=self.log)
+                    self.cfg, self.backend, self.autotune = autotune(cfg, self.dataset, self.backend, log=self.log,
+                                                                     create_backend=create_backend)
                     self.backend.auto_reason = auto_reason
                     cfg = self.cfg
                 else:
@@ -161,13 +162,13 @@ class Session:
         signal stopped it). Runs in an executor thread, so the stop signals work meanwhile."""
 
         batch = batch_size or self.cfg.batch_size
-        alone = getattr(self.backend, "compute_only_alone", None)
 
         async def body():
             loop = asyncio.get_running_loop()
             lat = await loop.run_in_executor(None, measure_compute_only, self.backend, batch, iterations)
-            if alone is not None and len(self.backend.devices) > 1:  # --devices: each device alone too
-                await loop.run_in_executor(None, alone, batch, iterations or max(3, len(lat) // 2))
+            if self.backend.device_count > 1:  # --devices: each device alone too
+                await loop.run_in_executor(None, self.backend.compute_only_alone, batch,
+                                           iterations or max(3, len(lat) // 2))
             return lat
 
         return self.until_done(body()) or []
@@ -263,9 +264,8 @@ class Session:
     def _stopping(self) -> None:
         if self.pool is not None:
             self.pool.stopping()
-        stop = getattr(self.backend, "stopping", None)
-        if stop is not None:
-            stop()
+        if self.backend is not None:
+            self.backend.stopping()
 
     # -- what ran ----------------------------------------------------------------------------
     @property
@@ -354,7 +354,7 @@ def make_source(pool, ring, backend, cfg: RunConfig, pad_to: int = 0):
     return device_decode_source(pool, ring, backend, cfg, pad_to)
 
 
-def _create_backend(cfg: RunConfig):
+def create_backend(cfg: RunConfig):
     """The run's backend: the device processes of `--devices`, else one backend in this process."""
     if cfg.devices:
         from engine.pipeline.devices import DeviceGroup
