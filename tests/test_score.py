@@ -100,7 +100,7 @@ def read_part(path: str, fmt: str) -> List[Dict]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        assert tuple(table.column_names) == COLUMNS
+        assert tuple(table.column_names) in (COLUMNS, COLUMNS + ("label",))  # label: a labelled --data
         return table.to_pylist()
     if fmt == "jsonl":
         with open(path, encoding="utf-8") as f:
@@ -109,15 +109,17 @@ def read_part(path: str, fmt: str) -> List[Dict]:
 
     with open(path, encoding="utf-8", newline="") as f:
         r = list(csv.reader(f))
-    assert tuple(r[0]) == COLUMNS
+    assert tuple(r[0]) in (COLUMNS, COLUMNS + ("label",))
     out = []
     for row in r[1:]:
-        d = dict(zip(COLUMNS, row))
+        d = dict(zip(r[0], row))
         out.append({"id": int(d["id"]), "path": d["path"],
                     "topk_index": json.loads(d["topk_index"]) if d["topk_index"] else None,
                     "topk_prob": json.loads(d["topk_prob"]) if d["topk_prob"] else None,
                     "top1_wnid": d["top1_wnid"] or None, "top1_name": d["top1_name"] or None,
                     "error": d["error"] or None})
+        if "label" in d:
+            out[-1]["label"] = int(d["label"]) if d["label"] else None
     return out
 
 
@@ -420,3 +422,59 @@ def test_router_buffers_out_of_order_batches_into_whole_parts():
                                   np.zeros((2, 10), np.float32), []))
         router.reduce(BatchResult(0, 0, np.arange(1, 3), np.full(2, -1), np.ones(2, bool),
                                   np.zeros((2, 10), np.float32), []))
+
+
+# -- labels and --summarize ------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_summarize_counts_like_run_eval_across_shards(folder_set, tmp_path, fmt):
+    """Two shards into one folder, then --summarize: the same counts run-eval gives on the images."""
+    out = str(tmp_path / "out")
+    common = ["--backend", "sim", "--sim-batch-ms", "0", "--part-size", "32", "--format", fmt, "--topk", "5"]
+    for shard in ("0/2", "1/2"):
+        r = run_score(folder_set, out, *common, "--shard", shard)
+        assert r.returncode == 0, r.stderr
+    rows = read_rows(out)
+    assert {r["label"] for r in rows} <= set(range(1000)) and len(rows) == 120  # ImageNet wnid folders
+    r = subprocess.run([sys.executable, RUN_SCORE, "--summarize", out], capture_output=True, text=True,
+                       env=child_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    ev = tmp_path / "eval.json"
+    e = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "run-eval"), "--data", folder_set, "--backend",
+                        "sim", "--sim-batch-ms", "0", "--workers", "1", "--no-progress", "--json", str(ev)],
+                       capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=120)
+    assert e.returncode == 0, e.stderr
+    want = json.load(open(ev))
+    for k in ("images", "failed", "correct_top1", "correct_top5", "top1", "top5", "per_class"):
+        assert summary[k] == want[k], k
+    assert "top-1" in r.stdout and summary["parts_missing"] == 0
+
+
+def test_summarize_refuses_rows_without_labels(tiny, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(os.path.join(tiny, f"d0/im{i:04d}.png") for i in (0, 3, 6)) + "\n")
+    out = str(tmp_path / "out")
+    r = run_score(str(listing), out, "--part-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert "label" not in read_rows(out)[0]  # a list of files has no labels
+    r = subprocess.run([sys.executable, RUN_SCORE, "--summarize", out], capture_output=True, text=True,
+                       env=child_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "have no label column" in r.stderr
+
+
+def test_a_folder_from_before_labels_resumes_without_them(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    r = run_score(tiny, out, "--part-size", "8", "--limit", "16")
+    assert r.returncode == 0, r.stderr
+    # make it look like a folder written before the label column: no label in run.json's columns
+    meta_path = os.path.join(out, "run.json")
+    meta = json.load(open(meta_path))
+    meta["columns"].remove("label")
+    json.dump(meta, open(meta_path, "w"))
+    od = OutputDir(out, meta["parts"], meta["format"])
+    os.unlink(od.done_path(1))
+    r = run_score(tiny, out, "--part-size", "8", "--limit", "16")
+    assert r.returncode == 0, r.stderr
+    import pyarrow.parquet as pq
+
+    assert "label" not in pq.read_table(od.part_path(1)).column_names  # the folder's parts stay alike

@@ -57,13 +57,19 @@ class Metrics:
         if logits.shape[0] != labels.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {labels.shape[0]} labels")
         ranks = label_ranks(np.asarray(logits), labels)
+        self.count_ranks(ranks, labels)
+        return ranks
+
+    def count_ranks(self, ranks: np.ndarray, labels: np.ndarray) -> None:
+        """Count scored images by the 0-based rank of their label (from `label_ranks`, or its place
+        in stored top-k rows: run-score --summarize)."""
+        labels = np.asarray(labels, np.int64)
         self.images += len(labels)
         np.add.at(self.class_images, labels, 1)
         for k in self.topk:
             hit = ranks < k
             self.correct[k] += int(hit.sum())
             np.add.at(self.class_correct[k], labels[hit], 1)
-        return ranks
 
     def fail(self, index: int, path: str, reason: str) -> None:
         self.failures.append((int(index), path, reason))

@@ -60,7 +60,7 @@ def _json_roundtrip(d: Dict) -> Dict:
     return json.loads(json.dumps(d, sort_keys=True))
 
 
-def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Dict:
+def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest, labelled: bool = False) -> Dict:
     """run.json: the fingerprint (FINGERPRINT_KEYS) plus what is useful to know about the run."""
     weights_sha = file_sha256(cfg.weights) if cfg.weights and os.path.isfile(cfg.weights) else None
     ts_sha = file_sha256(cfg.ts) if cfg.ts and os.path.isfile(cfg.ts) else None
@@ -74,7 +74,8 @@ def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Dict
         # not compared on resume:
         "engine": "imagenet-engine", "engine_version": __version__, "weights": cfg.weights, "ts": cfg.ts,
         "data_root": manifest.root, "parts": manifest.num_parts(opts.part_size),
-        "columns": ["id", "path", "topk_index", "topk_prob", "top1_wnid", "top1_name", "error"],
+        "columns": ["id", "path", "topk_index", "topk_prob", "top1_wnid", "top1_name", "error"]
+        + (["label"] if labelled else []),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return _json_roundtrip(meta)
@@ -105,6 +106,7 @@ class Job:
     parts: range  # this shard's parts
     done_before: Dict[int, Dict]  # part -> done record, at start
     pending: List[int]
+    labels: Optional[np.ndarray] = None  # by manifest id, for the rows' label column; None: no such column
 
     def pending_images(self) -> int:
         return sum(self.part_size_of(p) for p in self.pending)
@@ -114,9 +116,12 @@ class Job:
         return hi - lo
 
 
-def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Tuple[OutputDir, Dict]:
-    """Create OUT with manifest.tsv and run.json, or check that they match this run (resume)."""
-    meta = run_metadata(cfg, opts, manifest)
+def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest, labelled: bool = False
+                ) -> Tuple[OutputDir, Dict]:
+    """Create OUT with manifest.tsv and run.json, or check that they match this run (resume). A
+    folder whose rows have no label column (written before they had one) resumes without it, so
+    its parts stay alike; `run-score --summarize` says what it lacks."""
+    meta = run_metadata(cfg, opts, manifest, labelled)
     out = OutputDir(opts.out, manifest.num_parts(opts.part_size), opts.fmt)
     try:
         os.makedirs(out.path, exist_ok=True)
@@ -128,6 +133,8 @@ def open_output(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Tuple
             raise OutputMismatchError(f"--out {opts.out} already holds a scoring run ({RUN_FILE}); run without "
                                 "--no-resume to resume it, or give a new --out")
         old = _read_json(run_path)
+        if "label" not in old.get("columns", []):
+            meta["columns"] = [c for c in meta["columns"] if c != "label"]
         diff = _differences(old, meta)
         if diff:
             raise OutputMismatchError(
@@ -169,14 +176,19 @@ def _header_sha(path: str) -> Optional[str]:
 
 def open_job(cfg: RunConfig, opts: ScoreOptions, environ: Mapping[str, str] = os.environ) -> Job:
     """Freeze the manifest, open (or check) OUT, pick this shard's parts and the pending ones."""
+    from engine.scoring.summary import manifest_labels
+
     manifest = build_manifest(cfg.data, cfg.limit)
-    out, meta = open_output(cfg, opts, manifest)
+    labels = manifest_labels(cfg.data, manifest)
+    out, meta = open_output(cfg, opts, manifest, labels is not None)
+    if "label" not in meta["columns"]:
+        labels = None
     i, n, source = resolve_shard(opts.shard, environ)
     parts = shard_parts(out.num_parts, i, n)
     done = out.done_records(parts)
     pending = [p for p in parts if p not in done]
     out.remove_stale(pending)
-    return Job(cfg, opts, manifest, meta, out, (i, n), source, parts, done, pending)
+    return Job(cfg, opts, manifest, meta, out, (i, n), source, parts, done, pending, labels)
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -246,8 +258,10 @@ class _PartBuffer:
 class PartRouter:
     """The reducer: each finished batch's rows go to their parts; a full part goes to the writer."""
 
-    def __init__(self, manifest: Manifest, part_size: int, k: int, writer: PartWriter):
+    def __init__(self, manifest: Manifest, part_size: int, k: int, writer: PartWriter,
+                 labels: Optional[np.ndarray] = None):
         self.manifest, self.part_size, self.k, self.writer = manifest, part_size, k, writer
+        self.labels = labels  # by manifest id (-1: none); None: the rows have no label column
         self.buffers: Dict[int, _PartBuffer] = {}
         self.images = 0
         self.failed = 0
@@ -288,8 +302,9 @@ class PartRouter:
                     self.failed += 1
             if buf.count == buf.n:
                 del self.buffers[p]
+                labels = None if self.labels is None else self.labels[buf.lo:buf.lo + buf.n]
                 self.writer.submit(PartRows(p, buf.lo, self.manifest.paths[buf.lo:buf.lo + buf.n],
-                                            buf.idx, buf.prob, buf.errors))
+                                            buf.idx, buf.prob, buf.errors, labels))
         self.images += n
 
 
@@ -324,10 +339,11 @@ class PartScorer:
     the same pool and model), `close()` once.
     """
 
-    def __init__(self, cfg: RunConfig, manifest: Manifest, out: OutputDir, meta: Dict, topk: int, part_size: int):
+    def __init__(self, cfg: RunConfig, manifest: Manifest, out: OutputDir, meta: Dict, topk: int, part_size: int,
+                 labels: Optional[np.ndarray] = None):
         from engine.pipeline.session import Session
 
-        self.manifest, self.out, self.meta = manifest, out, meta
+        self.manifest, self.out, self.meta, self.labels = manifest, out, meta, labels
         self.k, self.part_size = min(topk, cfg.num_classes), part_size
         self.session = Session(cfg, manifest.dataset())
         classes = imagenet_classes() if cfg.num_classes == 1000 else None
@@ -375,7 +391,7 @@ class PartScorer:
             loop.call_soon_threadsafe(task.cancel)
 
         writer = PartWriter(self.out, self.encoder, on_error, extra={"engine_version": __version__})
-        router = PartRouter(self.manifest, self.part_size, self.k, writer)
+        router = PartRouter(self.manifest, self.part_size, self.k, writer, self.labels)
         t0 = time.monotonic()
         n = len(self.manifest)
 
@@ -417,7 +433,7 @@ def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
     """Score the job's pending parts in this process. Returns (stats, backend description, signal)."""
     from engine.report.output import Progress
 
-    scorer = PartScorer(job.cfg, job.manifest, job.out, job.meta, job.opts.topk, job.opts.part_size)
+    scorer = PartScorer(job.cfg, job.manifest, job.out, job.meta, job.opts.topk, job.opts.part_size, job.labels)
     try:
         scorer.open()
         progress = Progress(job.pending_images(), job.cfg.progress)

@@ -48,7 +48,12 @@ class ScoreActor:
             raise RuntimeError(f"{out}/{MANIFEST_FILE} changed under the run (sha256 {manifest.sha256[:12]}..., "
                                f"expected {sha256[:12]}...)")
         self.out = OutputDir(out, num_parts, fmt)
-        self.scorer = PartScorer(cfg, manifest, self.out, meta, topk, part_size)
+        labels = None
+        if "label" in meta.get("columns", []):  # the rows' label column, as the driver's job has it
+            from engine.scoring.summary import manifest_labels
+
+            labels = manifest_labels(cfg.data, manifest)
+        self.scorer = PartScorer(cfg, manifest, self.out, meta, topk, part_size, labels)
         self.scorer.open()
 
     def __del__(self):

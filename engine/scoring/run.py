@@ -130,10 +130,10 @@ def score_parser() -> argparse.ArgumentParser:
         description="Top-k predictions for every image of a folder or list into parquet/jsonl/csv parts: "
                     "exactly once, resumable, sharded, optionally on a Ray cluster.")
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", metavar="DIR|LIST", required=True,
+    g.add_argument("--data", metavar="DIR|LIST",
                    help="a folder (searched recursively for images) or a text file with one path per line "
                         "(relative to the file's folder)")
-    g.add_argument("--out", metavar="DIR", required=True,
+    g.add_argument("--out", metavar="DIR",
                    help="output folder: parts, their .done records, manifest.tsv, run.json, _SUCCESS")
     g.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
     g.add_argument("--format", choices=FORMATS, default="parquet", help="(default: %(default)s)")
@@ -148,6 +148,10 @@ def score_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to run if --out already holds a run")
     g.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    g.add_argument("--summarize", metavar="OUT",
+                   help="score nothing: read every done part of the output folder OUT (all shards, from Slurm or "
+                        "Ray) and print exact top-1/top-5 counts under run-eval's JSON names, written to "
+                        "OUT/summary.json (or --json PATH); needs rows with labels (--data a labelled folder)")
     r = p.add_argument_group("ray")
     r.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                    help="run on a Ray cluster: --ray (the cluster this machine belongs to), --ray ADDRESS, or "
@@ -174,6 +178,16 @@ def _run_score_command(argv: Optional[List[str]], environ: Mapping[str, str]) ->
 
     p = score_parser()
     a = p.parse_args(argv)
+    if a.summarize:
+        from engine.scoring.summary import format_summary, summarize
+
+        summary = summarize(a.summarize)
+        print(format_summary(summary))
+        path = a.json or os.path.join(a.summarize, "summary.json")
+        write_json(path, summary)
+        return EXIT_OK
+    if not a.data or not a.out:
+        p.error("--data and --out are required (or --summarize OUT)")
     cfg = config_from_args(a, data=a.data, limit=a.limit, labels=None, json_path=a.json)
     opts = ScoreOptions(out=a.out, topk=a.topk, fmt=a.format, part_size=a.part_size, shard=a.shard,
                         resume=a.resume, ray=a.ray, ray_actors=a.ray_actors)

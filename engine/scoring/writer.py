@@ -179,6 +179,7 @@ class PartRows:
     topk_index: np.ndarray  # int32 [n, k] (rows of failed images: anything)
     topk_prob: np.ndarray  # float32 [n, k]
     errors: List[Optional[str]]  # None, or why the image failed
+    labels: Optional[np.ndarray] = None  # int64 [n], the data set's labels (-1: none); None: no label column
 
     @property
     def n(self) -> int:
@@ -224,7 +225,7 @@ class RowEncoder:
             self._warm.join()
             self._warm = None
         rows = PartRows(rows.part, rows.lo, [text_field(p) for p in rows.paths], rows.topk_index, rows.topk_prob,
-                        [text_field(e) for e in rows.errors])
+                        [text_field(e) for e in rows.errors], rows.labels)
         ok = np.fromiter((e is None for e in rows.errors), dtype=bool, count=rows.n)
         if self.fmt == "parquet":
             return self._parquet(rows, ok)
@@ -247,6 +248,8 @@ class RowEncoder:
             "top1_name": pa.array(list(name), type=pa.string()),
             "error": pa.array(rows.errors, type=pa.string()),
         })
+        if rows.labels is not None:  # the data set's label (null where it has none)
+            table = table.append_column("label", pa.array(rows.labels, type=pa.int64(), mask=rows.labels < 0))
         meta = {k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in self.metadata.items()}
         meta.update(part=str(rows.part), first_id=str(rows.lo), rows=str(n))
         table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
@@ -258,23 +261,26 @@ class RowEncoder:
         wnid, name = self._top1(rows, ok)
         idx, prob = rows.topk_index.tolist(), rows.topk_prob.tolist()
         buf = io.StringIO()
+        labels = None if rows.labels is None else [None if v < 0 else int(v) for v in rows.labels.tolist()]
         if self.fmt == "jsonl":
             for i in range(rows.n):
                 good = bool(ok[i])
-                buf.write(json.dumps({
-                    "id": rows.lo + i, "path": rows.paths[i],
-                    "topk_index": idx[i] if good else None, "topk_prob": prob[i] if good else None,
-                    "top1_wnid": wnid[i], "top1_name": name[i], "error": rows.errors[i],
-                }, ensure_ascii=False))
+                row = {"id": rows.lo + i, "path": rows.paths[i],
+                       "topk_index": idx[i] if good else None, "topk_prob": prob[i] if good else None,
+                       "top1_wnid": wnid[i], "top1_name": name[i], "error": rows.errors[i]}
+                if labels is not None:
+                    row["label"] = labels[i]
+                buf.write(json.dumps(row, ensure_ascii=False))
                 buf.write("\n")
         else:  # csv: lists as JSON arrays, nulls as empty fields
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(COLUMNS)
+            w.writerow(COLUMNS + (("label",) if labels is not None else ()))
             for i in range(rows.n):
                 good = bool(ok[i])
                 w.writerow([rows.lo + i, rows.paths[i],
                             json.dumps(idx[i]) if good else "", json.dumps(prob[i]) if good else "",
-                            wnid[i] or "", name[i] or "", rows.errors[i] or ""])
+                            wnid[i] or "", name[i] or "", rows.errors[i] or ""]
+                           + ([] if labels is None else ["" if labels[i] is None else labels[i]]))
         return buf.getvalue().encode("utf-8")
 
 
