@@ -156,11 +156,10 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     t0 = time.monotonic()
     try:
         try:
+            # a stop signal while loading or compiling the model: the Session closes what it built
+            # and says so (with handle_signals; else Ctrl-C is a KeyboardInterrupt, caught here)
             session.open()
         except KeyboardInterrupt:
-            # Ctrl-C before the event loop ran (loading the model): Python raises it once the native
-            # call in progress returns. SIGTERM then keeps its default action: the process ends at
-            # once, with nothing to clean up yet (no workers; a ring is unlinked by the resource tracker).
             session.stopped = signal.SIGINT
             print("\nSIGINT: stopped before the run started", file=sys.stderr)
         if session.stopped is None:

@@ -88,6 +88,8 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
     session = Session(cfg, ds, device=False, handle_signals=True, ring_slots=slots, log=log)
     try:
         session.open()
+        if session.stopped is not None:  # a stop signal while opening: nothing was decoded
+            return {"dir": cfg.pixel_cache, "images": len(ds), "stopped": True}, exit_for_signal(session.stopped)
         cache = session.cache
         missing = int((cache.state == MISS).sum())
         before = len(ds) - missing
@@ -170,7 +172,8 @@ def _make_cache_command(argv: Optional[List[str]]) -> int:
         p.error("--data is required")
     cfg = config_from_args_for_cache(a)
     summary, status = make_cache(cfg, a.export_bin, a.export_format)
-    print(format_summary(summary))
+    print(format_summary(summary) if "cached_before" in summary else
+          "STOPPED make-cache: stopped before it started; nothing was decoded")
     return status
 
 

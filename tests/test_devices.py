@@ -211,3 +211,28 @@ def _running(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_sigterm_while_a_device_process_compiles(folder_set, tmp_path):
+    """The first device process is compiling (the torch_aie stand-in takes 60 s): SIGTERM ends every
+    device process and leaves no shared memory."""
+    env = dict(os.environ, PYTHONPATH=FAKES + os.pathsep + os.environ.get("PYTHONPATH", ""), FAKE_AIE_DEVICES="2",
+               FAKE_AIE_COMPILE_S="60", FAKE_AIE_ACCEPT_UINT8="1")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "run-eval"), "--data", folder_set, "--backend",
+                          "aie", "--devices", "0,1", "--model", "resnet18", "--precision", "fp32", "--workers", "1",
+                          "--batch-size", "8", "--cache-dir", str(tmp_path / "cc"), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    children = []
+    while time.monotonic() < deadline and len(children) < 2:
+        time.sleep(0.3)
+        children = _device_children(p.pid)
+    assert len(children) == 2, "the two device processes did not start"
+    time.sleep(2.0)  # device 0 is in its 60 s compile now
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert "stopped before the run started" in err
+    time.sleep(0.5)
+    assert not [c for c in children if _running(c)], "a device process outlived the run"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"iengine-{p.pid}-")]

@@ -21,6 +21,7 @@ the run with a partial result (`stopped` says which signal), the second exits at
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -81,15 +82,27 @@ class Session:
 
     # -- opening -----------------------------------------------------------------------------
     def open(self) -> "Session":
-        """Build what the run needs, in order; on an error, close what was built and raise."""
+        """Build what the run needs, in order; on an error, close what was built and raise. With
+        signal handling, a SIGINT/SIGTERM while opening (loading or compiling the model, starting
+        device processes) closes what was built and leaves `stopped` set: nothing more runs."""
         if self._opened:
             return self
         self._opened = True
+        previous = {}
+        if self.handle_signals:
+            previous = {sig: signal.signal(sig, _stop_opening) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._open()
+        except _StoppedOpening as e:
+            self.stopped = e.signum
+            print(f"\n{signal.Signals(e.signum).name}: stopped before the run started", file=self.log)
+            self.close()
         except BaseException:
             self.close()
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self
 
     def _open(self) -> None:
@@ -320,6 +333,18 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _StoppedOpening(BaseException):
+    """A stop signal while the Session opens (a BaseException, so no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_opening(signum, frame) -> None:
+    raise _StoppedOpening(signum)
 
 
 def make_ring(cfg: RunConfig, batch_size: int = 0, slots: int = 0):
