@@ -119,9 +119,10 @@ def _cfg(ts, data=None, **kw):
 
 def _eval(monkeypatch, cfg, cls):
     import engine.evaluate as ev
+    import engine.pipeline.session as session
 
-    if cls is not None:
-        monkeypatch.setattr(ev, "create_backend", lambda c: cls(c))
+    if cls is not None:  # the Session creates the run's backend
+        monkeypatch.setattr(session, "create_backend", lambda c: cls(c))
     report, status = ev.run_eval(cfg, out=io.StringIO())
     return report, status
 
