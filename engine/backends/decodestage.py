@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ __all__ = ["DecodeMeter", "DecodeTiming", "DecodedBatch", "DeviceDecodeStage", "
 class DecodeTiming:
     """How one batch's decode went, for the meter."""
 
-    start: Optional[object]  # timing events around the decode section on the decode stream (CUDA),
-    end: Optional[object]  # None where the device module has none
+    start: Optional[Any]  # timing events around the decode section on the decode stream (CUDA),
+    end: Optional[Any]  # None where the device module has none
     host_s: float  # host wall time of the decode section
     device_images: int  # rows given to the device decoder
     host_images: int  # rows the workers decoded
@@ -58,7 +58,7 @@ class DecodedBatch:
     decoder could decode (with the reason), and the timing."""
 
     x: torch.Tensor
-    copied: object
+    copied: Any  # the device module's Event
     failed: List[Tuple[int, str]]
     timing: DecodeTiming
 
@@ -68,7 +68,7 @@ def host_decode(data: bytes, crop: Tuple[int, int], resize, interpolation: str,
     """Exact mode on the host for an image the device decoder failed on; raises DecodeError."""
     from preprocess.decode import preprocess_into
 
-    out = np.zeros((crop[0], crop[1], 3), np.uint8)
+    out: np.ndarray = np.zeros((crop[0], crop[1], 3), np.uint8)
     preprocess_into(data, out, resize, interpolation, "exact", max_pixels=max_pixels)
     return out
 
@@ -131,7 +131,7 @@ class DeviceDecodeStage:
     """
 
     def __init__(self, dm, device: torch.device, decoder: JpegDecoder, resize, interpolation: str,
-                 resize_method: str, max_pixels: Optional[int], new_event: Callable[[], object]) -> None:
+                 resize_method: str, max_pixels: Optional[int], new_event: Callable[[], Any]) -> None:
         self.dm, self.device, self.decoder = dm, device, decoder
         self.resize, self.interpolation, self.resize_method = resize, interpolation, resize_method
         self.max_pixels = max_pixels
