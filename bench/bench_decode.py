@@ -52,7 +52,41 @@ def _files(data: str, limit: int):
     return [ds.abspath(i) for i in range(len(ds))]
 
 
-def _contenders():
+def _module_from(path: str, name: str):
+    """A decode module loaded from a file under another name (an older decode.py, for --against)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _same_modes(dec, tag: str) -> dict:
+    """The four preprocessing contenders of a decode module, named with `tag` (for --against)."""
+    import numpy as np
+
+    out = np.zeros((224, 224, 3), np.uint8)
+
+    def run(mode, name=None, value=None):
+        def fn(d):
+            kept = getattr(dec, name) if name else None
+            if name:
+                setattr(dec, name, value)
+            try:
+                dec.preprocess_into(d, out, 256, "bilinear", mode)
+            except dec.DecodeError:
+                pass
+            finally:
+                if name:
+                    setattr(dec, name, kept)
+        return fn
+
+    return {f"preprocess exact{tag}": run("exact"), f"preprocess exact, Pillow's decoder{tag}": run("exact", "_EXACT_TURBO", False),
+            f"preprocess fast{tag}": run("fast"), f"preprocess fast, whole image{tag}": run("fast", "_REGION", None)}
+
+
+def _contenders(against=None):
     import numpy as np
     import simplejpeg
     from PIL import Image
@@ -121,6 +155,9 @@ def _contenders():
         # fast mode with its resize taken out: what it decodes, nothing else. Exact mode over this is
         # the most fast / exact could reach with a resize that cost nothing.
         contenders["fast mode's decode alone (no resize)"] = decode_alone
+    if against:  # the same code paths, in this module and in the older one, in turn
+        contenders.update(_same_modes(dec, " (after)"))
+        contenders.update(_same_modes(_module_from(against, "decode_before"), " (before)"))
 
     return {
         "decode Pillow": pillow,
@@ -139,13 +176,13 @@ _BLOBS: list = []
 _FNS: dict = {}
 
 
-def _load(paths):
+def _load(paths, against=None):
     global _BLOBS, _FNS
     _BLOBS = []
     for p in paths:
         with open(p, "rb") as f:
             _BLOBS.append(f.read())
-    _FNS = _contenders()
+    _FNS = _contenders(against)
 
 
 def _blocks(block: int) -> dict:
@@ -167,12 +204,12 @@ def _blocks(block: int) -> dict:
     return {k: len(_BLOBS) / v for k, v in spent.items()}
 
 
-def per_core(paths, block: int, procs: int = 1):
+def per_core(paths, block: int, procs: int = 1, against=None):
     """img/s per core of each contender, measured in `procs` processes at once (the pool's
     concurrency: both then see the same all-core clock and memory traffic); the mean over them."""
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(procs, initializer=_load, initargs=(list(paths),)) as ex:
+    with ProcessPoolExecutor(procs, initializer=_load, initargs=(list(paths), against)) as ex:
         runs = list(ex.map(_blocks, [block] * procs))
     return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
@@ -202,6 +239,9 @@ def main(argv=None) -> int:
                    help="images each per-core contender decodes in turn (default: %(default)s)")
     p.add_argument("--no-dataloader", action="store_true", help="skip the torchvision DataLoader baseline")
     p.add_argument("--agreement", action="store_true", help="also top-1 agreement, fast against exact")
+    p.add_argument("--against", metavar="PATH",
+                   help="an older preprocess/decode.py (git show REV:preprocess/decode.py > PATH): its modes join "
+                        "the per-core contenders beside this one's, and after / before ratios are printed")
     a = p.parse_args(argv)
     data = a.data or bench_data(max(600, a.pool_images))
     paths = _files(data, a.images)
@@ -215,7 +255,7 @@ def main(argv=None) -> int:
     median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     rounds, dl = [], 0.0
     for i in range(a.repeat):
-        r = {"per_core": per_core(paths, a.block, a.workers)}
+        r = {"per_core": per_core(paths, a.block, a.workers, a.against)}
         for mode in ("exact", "fast") if i % 2 == 0 else ("fast", "exact"):
             r[mode] = pool_per_worker(data, a.workers, a.batch_size, a.pool_images, mode)
         rounds.append(r)
@@ -259,6 +299,11 @@ def main(argv=None) -> int:
         # the ceiling of fast / exact per core: fast mode's decode with a resize that cost nothing
         ratios["fast_decode_alone / exact_preprocess (per core): the ceiling"] = ratio(
             lambda pc, ex, fa: pc["fast mode's decode alone (no resize)"] / pc["preprocess exact"])
+    if a.against:
+        for k in ("preprocess exact", "preprocess exact, Pillow's decoder", "preprocess fast",
+                  "preprocess fast, whole image"):
+            ratios[f"{k}: after / before (per core)"] = ratio(
+                lambda pc, ex, fa, k=k: pc[f"{k} (after)"] / pc[f"{k} (before)"])
     if dl:
         ratios["exact_pool / dataloader"] = pool["exact"][1] / dl
         ratios["fast_pool / dataloader"] = pool["fast"][1] / dl

@@ -202,8 +202,8 @@ class RegionDecoder:
         """Fast mode's whole preprocessing of a JPEG in one call: the header read once, the geometry
         of ``Resize(resize)`` (an int: the shorter side; an ``(h, w)`` pair: exactly) and
         ``CenterCrop(out.shape[:2])`` as :mod:`preprocess.geometry` computes it, the DCT scale and
-        window as ``decode._fast_jpeg`` picks them, the crop's box resized with Pillow's filter
-        ``resample`` (not NEAREST), RGB written into ``out`` (a ``(h, w, 3)`` uint8 array with
+        window as :class:`preprocess.cropplan.CropPlan` has them, the crop's box resized with
+        Pillow's filter ``resample`` (not NEAREST), RGB written into ``out`` (a ``(h, w, 3)`` uint8 array with
         packed pixels), zeros where the crop is larger than the image. Limits: pixels of the
         image (none where <= 0) and of the resized image (none where < 0).
 

@@ -100,6 +100,8 @@ class Backend:
 
     #: takes compressed JPEGs (`--decode device`: an EncodedBatch, engine/pipeline/encoded.py)
     decodes_jpeg = False
+    #: its `--decode device` stage (engine/backends/decodestage.py) once prepared for it, else None
+    decode_stage = None
 
     def submit_batch(self, batch) -> InFlight:
         """Submit a source's `Batch` (engine/pipeline/sources.py): its pixels, or for a backend that

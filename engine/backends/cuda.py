@@ -15,13 +15,16 @@ so a waiting executor thread sleeps instead of spinning on a core the decode wor
 
 With `--cuda-graphs` the model is captured once as a CUDA graph for the prepared batch size and
 replayed per batch (static shape: the scheduler pads a short last batch and drops the padding).
+
+With `--decode device` the backend owns a `DeviceDecodeStage` (engine/backends/decodestage.py: a
+third stream, its lock, the JPEG decoder, the host fallback, the meter); `submit_batch` hands it an
+`EncodedBatch` and runs the model on the `DecodedBatch` it returns.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -39,7 +42,7 @@ class _StreamBatch(InFlight):
         self.staging = staging
         self.keep = keep  # device tensors that must outlive the enqueued work
         self.failed: List[Tuple[int, str]] = []  # --decode device: rows neither decoder could decode
-        self.decode_timing = None  # --decode device: for the backend's DecodeMeter (gpudecode.py)
+        self.decode_timing = None  # --decode device: a DecodeTiming for the stage's meter (decodestage.py)
 
     def copied(self) -> None:
         self.copied_event.synchronize()
@@ -52,7 +55,7 @@ class _StreamBatch(InFlight):
         self.done_event.synchronize()
         self.keep = None
         if self.decode_timing is not None:  # once: result() may be called again
-            self.backend.decode_meter.add(self)
+            self.backend.decode_stage.meter.add(self.decode_timing)
             self.decode_timing = None
         return self.out.numpy()
 
@@ -136,9 +139,9 @@ class StreamBackend(Backend):
         self.model = None
         self.graph = None
         self.info: Dict = {}
-        # --decode device (engine/backends/gpudecode.py): JPEGs decoded on a third stream
-        self.jpeg = None
-        self.decode_meter = None
+        # --decode device: JPEGs decoded on a third stream by the stage made in prepare()
+        # (engine/backends/decodestage.py)
+        self.decode_stage = None
         if self.spec.decode == "device":
             from engine.backends.gpudecode import DecodeRefused, check_cuda_runtime
 
@@ -149,10 +152,22 @@ class StreamBackend(Backend):
                     check_cuda_runtime(torch.version.cuda)
             except DecodeRefused as e:
                 raise BackendError(str(e)) from None
-            self.decode_stream = self.dm.Stream(device=self.device)
-            self._decode_lock = threading.Lock()
 
     decodes_jpeg = True  # takes EncodedBatch (--decode device) through submit_batch
+
+    @property
+    def jpeg(self):
+        """The device JPEG decoder (`gpudecode.JpegDecoder`) of --decode device, else None."""
+        return self.decode_stage.decoder if self.decode_stage is not None else None
+
+    @jpeg.setter
+    def jpeg(self, decoder) -> None:  # a test swaps in another decoder after prepare()
+        self.decode_stage.decoder = decoder
+
+    @property
+    def decode_meter(self):
+        """The device decoder's meter (`decodestage.DecodeMeter`), else None."""
+        return self.decode_stage.meter if self.decode_stage is not None else None
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -178,15 +193,18 @@ class StreamBackend(Backend):
         self.graph = None
         if self.use_graphs:
             self._capture(x)
-        if self.spec.decode == "device" and self.jpeg is None:
-            from engine.backends.gpudecode import DecodeMeter, DecodeRefused, _filter, make_decoder
+        if self.spec.decode == "device" and self.decode_stage is None:
+            from engine.backends.decodestage import DeviceDecodeStage
+            from engine.backends.gpudecode import DecodeRefused, _filter, make_decoder
 
             try:
                 _filter(self.spec.interpolation)
-                self.jpeg = make_decoder(self.config.jpeg_decoder, self.device)
+                decoder = make_decoder(self.config.jpeg_decoder, self.device)
             except DecodeRefused as e:
                 raise BackendError(str(e)) from None
-            self.decode_meter = DecodeMeter()
+            self.decode_stage = DeviceDecodeStage(self.dm, self.device, decoder, self.spec.resize,
+                                                  self.spec.interpolation, self.config.device_resize,
+                                                  self.config.max_image_pixels, self._new_event)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad rather than inference_mode: TorchScript (--ts) models and fusers are safe under it
@@ -292,7 +310,22 @@ class StreamBackend(Backend):
     def submit_batch(self, batch) -> InFlight:
         if getattr(batch, "arena", None) is None:
             return self.submit(batch.pixels)
-        return submit_encoded(self, batch)
+        return self._submit_encoded(batch)
+
+    def _submit_encoded(self, batch) -> InFlight:
+        """An `EncodedBatch` (--decode device): the stage decodes it on its stream, then the model
+        runs on the compute stream once the decoded batch is complete."""
+        if self.decode_stage is None:
+            from engine.backends.gpudecode import DecodeRefused
+
+            raise DecodeRefused(f"{self.name}: prepare() ran without --decode device")
+        self._check_batch(batch.pixels.shape)
+        dec = self.decode_stage.decode(batch, self._shape[1:])
+        out, done, y = self._enqueue_model(dec.x, dec.copied)  # x was made on the decode stream
+        job = _StreamBatch(self, dec.copied, done, out, None, (dec.x, y))
+        job.failed = dec.failed
+        job.decode_timing = dec.timing
+        return job
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         """The model alone on a batch already on the device; each call ends in a device synchronize."""
@@ -318,9 +351,8 @@ class StreamBackend(Backend):
         return dict(self.info, backend=self.name, device=str(self.device), device_name=device_name,
                     precision=self.config.precision, channels_last=True, graphs=self.graph is not None,
                     host_memory=self.host_memory,
-                    streams="copy + compute, events" + (" + decode" if self.jpeg is not None else ""),
-                    **({"jpeg_decoder": self.jpeg.describe(), "device_decode": self.decode_meter.report()}
-                       if self.jpeg is not None else {}))
+                    streams="copy + compute, events" + (" + decode" if self.decode_stage is not None else ""),
+                    **(self.decode_stage.describe() if self.decode_stage is not None else {}))
 
     def close(self) -> None:
         self.unregister_host_memory()
@@ -331,52 +363,3 @@ class StreamBackend(Backend):
 
 class CudaBackend(StreamBackend):
     name = "cuda"
-
-
-def submit_encoded(backend, batch):
-    """StreamBackend.submit_batch for an `EncodedBatch` (engine/pipeline/encoded.py): decode on the
-    backend's decode stream, then the model on its compute stream (the module docstring)."""
-    from engine.backends.gpudecode import DecodeRefused, _default_limit, _timing_event, decode_into, host_decode
-    from preprocess.decode import DecodeError
-    from preprocess.jpeghead import HOST_FALLBACK, ROUTE_DEVICE
-
-    if backend.jpeg is None:
-        raise DecodeRefused(f"{backend.name}: prepare() ran without --decode device")
-    rows = batch.pixels.shape[0]
-    backend._check_batch(batch.pixels.shape)
-    spec = backend.spec
-    n = batch.n
-    ok = batch.ok
-    on_device = np.flatnonzero(ok & (batch.route[:n] == ROUTE_DEVICE))
-    on_host = np.flatnonzero(ok & (batch.route[:n] != ROUTE_DEVICE))
-    datas = [torch.from_numpy(batch.arena[o:o + ln]) for o, ln in
-             zip(batch.offsets[on_device].tolist(), batch.lengths[on_device].tolist())]
-    h, w, c = backend._shape[1:]
-    failed_rows: List[Tuple[int, str]] = []
-    t0 = time.perf_counter()
-    with backend._decode_lock, backend.dm.stream(backend.decode_stream):
-        start = _timing_event(backend)
-        x = torch.zeros((rows, h, w, c), dtype=torch.uint8, device=backend.device)
-        for r in on_host.tolist():
-            x[r].copy_(torch.from_numpy(batch.pixels[r]), non_blocking=True)
-        bad = decode_into(backend.jpeg, datas, x, on_device.tolist(), spec.resize, spec.interpolation,
-                          backend.config.device_resize)
-        for r, why in bad:  # the device decoder failed: exact mode on the host, from the same bytes
-            data = bytes(batch.arena[batch.offsets[r]:batch.offsets[r] + batch.lengths[r]])
-            try:
-                px = host_decode(data, (h, w), spec.resize, spec.interpolation, backend.config.max_image_pixels
-                                 or _default_limit())
-            except DecodeError as e:
-                failed_rows.append((int(r), str(e)))
-                continue
-            batch.route[r] = HOST_FALLBACK
-            x[r].copy_(torch.from_numpy(px))
-        copied = backend._new_event()
-        copied.record(backend.decode_stream)
-        end = _timing_event(backend)
-    host_s = time.perf_counter() - t0
-    out, done, y = backend._enqueue_model(x, copied)  # x was made on the decode stream
-    job = _StreamBatch(backend, copied, done, out, None, (x, y))
-    job.failed = failed_rows
-    job.decode_timing = (start, end, host_s, len(on_device), len(on_host), batch.route[:n].copy(), ok.copy())
-    return job

@@ -133,13 +133,14 @@ def device_decode_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int
     from engine.backends.base import BackendError
     from preprocess.jpeghead import KIND_BITS
 
-    if getattr(backend, "jpeg", None) is None:
+    stage = backend.decode_stage
+    if stage is None:
         raise BackendError(f"--decode device: the {backend.name} backend was not prepared for it")
-    ring.control[CTRL_KINDS] = sum(KIND_BITS[k] for k in backend.jpeg.kinds)
+    ring.control[CTRL_KINDS] = sum(KIND_BITS[k] for k in stage.decoder.kinds)
     ring.control[CTRL_MAX_PIXELS] = DEVICE_MAX_PIXELS
     share = None if cfg.host_decode_share < 0 else cfg.host_decode_share
     tuner = HostShareTuner(cfg.workers, share)
     ring.control[CTRL_HOST_SHARE] = tuner.share
-    if backend.decode_meter is not None:
-        backend.decode_meter.tuner = tuner
+    if stage.meter is not None:
+        stage.meter.tuner = tuner
     return DeviceDecodeSource(pool, ring, pad_to, tuner)

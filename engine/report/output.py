@@ -95,7 +95,7 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
     if report.get("decoder"):
         lines.append(f"  decoder       {report['decoder']}")
     dd = report.get("device_decode")
-    if dd:  # --decode device: the GPU decoder as a stage (engine/backends/gpudecode.py DecodeMeter)
+    if dd:  # --decode device: the GPU decoder as a stage (engine/backends/decodestage.py DecodeMeter)
         rate = dd.get("device_decode_img_per_s")
         share = (dd.get("host_share") or {}).get("share")
         lines.append(f"  device decode {dd['device_images']} images on the device"

@@ -218,7 +218,7 @@ def with_pixel_cache(p: Dict, pc: Optional[Dict]) -> Dict:
 def with_device_decode(p: Dict, dd: Optional[Dict]) -> Dict:
     """`--decode device`: the GPU decoder as a stage of the breakdown `p` (in place; returned).
 
-    `dd` is the backend's DecodeMeter report (engine/backends/gpudecode.py). The decode happens
+    `dd` is the backend's DecodeMeter report (engine/backends/decodestage.py). The decode happens
     between submit and copied, so the breakdown's "copy" stage holds it; its capacity is the
     images the device decoded per second of decode-stream time, over the share of images it took
     (the workers decode the rest). When that capacity is below the device's and end to end is
