@@ -99,7 +99,7 @@ best=$("$PY" - "$OUT/bench.json" <<'EOF'
 import json, shutil, sys
 bench = json.load(open(sys.argv[1]))
 crop = bench["config"]["preprocess"]["crop"]
-slots = bench["config"]["inflight"] + 2
+slots = bench["config"]["pipeline"]["inflight"] + 2
 try:
     free = shutil.disk_usage("/dev/shm").free
 except OSError:
@@ -134,8 +134,8 @@ info = ev["backend"]
 tp = ev["throughput"]
 summary = {
     "device": info.get("device_name") or info.get("device"),
-    "backend": info.get("backend"), "precision": info.get("precision"), "model": ev["config"]["model"],
-    "cores": len(os.sched_getaffinity(0)), "workers": ev["config"]["workers"], "batch_size": best,
+    "backend": info.get("backend"), "precision": info.get("precision"), "model": ev["config"]["model"]["name"],
+    "cores": len(os.sched_getaffinity(0)), "workers": ev["config"]["pipeline"]["workers"], "batch_size": best,
     "images": ev["images"], "failed": ev["failed"],
     "compute_only_bench_img_per_s": row["img_per_s"],
     "compute_only_eval_img_per_s": tp["compute_only"],

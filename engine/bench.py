@@ -63,10 +63,10 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
     from engine.pipeline.session import create_backend
     from engine.report.output import environment
 
-    if cfg.backend == "auto" and not cfg.devices:  # --devices: a device process picks
+    if cfg.backend.name == "auto" and not cfg.backend.devices:  # --devices: a device process picks
         cfg = cfg.replace(backend=resolve_auto())
     compute_cfg = cfg
-    if cfg.backend == "cpu" and not cfg.threads:
+    if cfg.backend.name == "cpu" and not cfg.backend.threads:
         from engine.procs import usable_cores
 
         compute_cfg = cfg.replace(threads=usable_cores())  # compute only: no decode workers to leave room for
@@ -75,10 +75,10 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
     results = []
     info: Dict = {}
     try:
-        if cfg.shape == "dynamic":
+        if cfg.backend.shape == "dynamic":
             backend.prepare(largest)  # one model for every batch size
         for b in batch_sizes:
-            if cfg.shape == "static":
+            if cfg.backend.shape == "static":
                 backend.prepare(b)
             row = latency_row(b, backend.compute_only(b, iterations, warmup))
             per_device = backend.devices_report(0.0)
@@ -106,15 +106,15 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
         print(f"run-bench: batch {row['batch_size']}: end to end {row['end_to_end_img_per_s']:,.1f} img/s "
               f"({figure['images']} images, {figure['failed']} failed{cached})", file=log, flush=True)
     config = dict(cfg.to_dict(), batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, e2e=e2e,
-                  compute_only_threads=compute_cfg.threads, backend_info=info, environment=environment())
+                  compute_only_threads=compute_cfg.backend.threads, backend_info=info, environment=environment())
     return {"results": results, "config": config}
 
 
 def format_table(bench: Dict) -> str:
     cfg = bench["config"]
     info = cfg.get("backend_info", {})
-    head = (f"run-bench: {cfg['backend']} ({info.get('device_name') or info.get('device', '?')}), "
-            f"{info.get('model') or cfg['model']}, {cfg['precision']}, {cfg['shape']} shape, "
+    head = (f"run-bench: {cfg['backend']['name']} ({info.get('device_name') or info.get('device', '?')}), "
+            f"{info.get('model') or cfg['model']['name']}, {cfg['backend']['precision']}, {cfg['backend']['shape']} shape, "
             f"input {cfg['preprocess']['crop']}x{cfg['preprocess']['crop']}, "
             f"{cfg['iterations']} timed calls after {cfg['warmup']} warm-up "
             "(compute only: input on the device, each call synchronised)")
@@ -177,8 +177,8 @@ def plot(bench: Dict, path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    name = cfg.get("backend_info", {}).get("model") or cfg["model"]
-    ax.set_title(f"{name} on {cfg['backend']} ({cfg['precision']}, {cfg['shape']})")
+    name = cfg.get("backend_info", {}).get("model") or cfg["model"]["name"]
+    ax.set_title(f"{name} on {cfg['backend']['name']} ({cfg['backend']['precision']}, {cfg['backend']['shape']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

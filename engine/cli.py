@@ -7,13 +7,14 @@ import sys
 from typing import List, Optional, Tuple
 
 from engine import __version__
-from engine.config import (BACKENDS, default_precision, DECODE_MODES, INTERPOLATIONS, NAMED_PRESETS, PRECISIONS, SHAPES, ConfigError,
+from engine.config import (BACKENDS, FLAT_FIELDS, default_precision, flat_default, DECODE_MODES, INTERPOLATIONS, NAMED_PRESETS, PRECISIONS, SHAPES, ConfigError,
                            Resize, RunConfig, parse_resize, parse_triple, resolve_config)
 
 
-def default(field_name: str):
-    """A flag's default: the `RunConfig` field's own, so no default is written twice."""
-    return RunConfig.__dataclass_fields__[field_name].default
+def default(name: str):
+    """A flag's default: its RunConfig section's field default (by the option's flat name,
+    engine/config.py FLAT_FIELDS), so no default is written twice."""
+    return flat_default(name)
 
 
 def positive_int(text: str) -> int:
@@ -225,9 +226,8 @@ def preprocess_overrides(a: argparse.Namespace) -> dict:
     }
 
 
-# RunConfig fields whose flag is not named after them, or whose value is not the flag's as given
-_NOT_BY_NAME = ("model", "preprocess", "preset", "precision", "pixel_cache", "use_cache", "progress", "json_path",
-                "trace_path")
+# options whose flag is not named after them, or whose value is not the flag's as given
+_NOT_BY_NAME = ("model", "precision", "pixel_cache", "use_cache", "progress", "json_path", "trace_path")
 
 
 def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
@@ -236,7 +236,7 @@ def config_from_args(a: argparse.Namespace, **extra) -> RunConfig:
     given, the rest (and a command's own settings) in `extra`. What a command does not take keeps
     the RunConfig default."""
     given = vars(a)
-    fields = {f: given[f] for f in RunConfig.__dataclass_fields__ if f in given and f not in _NOT_BY_NAME}
+    fields = {f: given[f] for f in FLAT_FIELDS if f in given and f not in _NOT_BY_NAME}
     precision = given.get("precision") or "auto"
     backend = given.get("backend", default("backend"))
     if precision == "auto" and not (backend == "auto" and given.get("devices")):

@@ -299,66 +299,112 @@ def format_devices(ids: Optional[Tuple[int, ...]]) -> str:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything one run of the engine needs. Built by `resolve_config`."""
+class DataOptions:
+    """What to read: `--data`, `--labels`, `--limit`, and the model's number of classes."""
 
-    data: Optional[str] = None
+    path: Optional[str] = None  # --data
     labels: Optional[str] = None
     limit: Optional[int] = None
-    model: str = "resnext50_32x4d"
+    num_classes: int = 1000
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1 (got {self.limit})")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model: a name (`--model`), its weights (`--weights`), or a TorchScript file (`--ts`)."""
+
+    name: str = "resnext50_32x4d"  # --model
     weights: Optional[str] = None
     ts: Optional[str] = None
-    backend: str = "cpu"
+
+    def __post_init__(self):
+        if self.weights is not None and self.ts is not None:
+            raise ConfigError("give either --weights (a state dict) or --ts (TorchScript), not both")
+
+
+@dataclass(frozen=True)
+class AieOptions:
+    """torch_aie's compile options (`--soc-version`, `--optimization-level`)."""
+
+    soc_version: str = "Ascend310P3"
+    optimization_level: int = 0
+
+    def __post_init__(self):
+        if self.optimization_level not in (0, 1, 2):
+            raise ConfigError(f"--optimization-level must be 0, 1 or 2 (got {self.optimization_level})")
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """The simulated accelerator: device time per batch (`--sim-batch-ms`), copy bandwidth (`--sim-h2d-gbps`)."""
+
+    batch_ms: float = 10.0
+    h2d_gbps: float = 0.0  # 0: copies are free
+
+    def __post_init__(self):
+        if self.batch_ms < 0 or self.h2d_gbps < 0:
+            raise ConfigError("--sim-batch-ms and --sim-h2d-gbps must not be negative")
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The cuda backend: replay the model as a CUDA graph (`--cuda-graphs`; static shapes, padded batches)."""
+
+    graphs: bool = False
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Where the model runs: the backend and its device(s), precision, shapes, compile cache, and
+    each backend's own options."""
+
+    name: str = "cpu"  # --backend
     device: int = 0
     devices: str = ""  # --devices: "" one device in this process; "0,1", "0-7" or "all": device processes
     precision: str = "fp32"
     shape: str = "static"
-    soc_version: str = "Ascend310P3"
-    optimization_level: int = 0
     cache_dir: Optional[str] = None
     use_cache: bool = True
+    threads: int = 0  # torch intra-op threads for the cpu backend; 0: cores left by workers
+    aie: AieOptions = field(default_factory=AieOptions)
+    sim: SimOptions = field(default_factory=SimOptions)
+    cuda: CudaOptions = field(default_factory=CudaOptions)
+
+    def __post_init__(self):
+        if self.name not in BACKENDS:
+            raise ConfigError(f"--backend {self.name!r} is not one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.shape not in SHAPES:
+            raise ConfigError(f"--shape {self.shape!r} is not one of {', '.join(SHAPES)}")
+        if self.devices:
+            object.__setattr__(self, "devices", format_devices(parse_devices(self.devices)))
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How images reach the device: batches, decode workers, the ring, batches in flight, the pixel
+    cache, and the limits that turn a bad image into a failed one."""
+
     batch_size: int = 64  # 0: --batch-size auto (resolved by engine.pipeline.autotune before the run)
     workers: int = 1  # 0: --workers auto (likewise)
     ring_slots: int = 0  # 0: derived from workers and in-flight batches
-    inflight: int = 3
-    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    preset: Optional[str] = None  # --preset NAME: the named preset the preprocessing started from
-    num_classes: int = 1000
-    sim_batch_ms: float = 10.0
-    sim_h2d_gbps: float = 0.0  # 0: copies are free
+    inflight: int = 3  # per device
     compute_only_iters: int = 0  # 0: chosen from the backend's speed
-    threads: int = 0  # torch intra-op threads for the cpu backend; 0: cores left by workers
-    cuda_graphs: bool = False  # cuda: replay the model as a CUDA graph (static shapes, padded batches)
     max_image_pixels: Optional[int] = None  # decompression-bomb limit; None: Pillow's (178,956,970)
     image_timeout: float = 120.0  # seconds on one image before its worker is killed (and the image retried)
     pixel_cache: Optional[str] = None  # --pixel-cache: folder of the exact pixel cache; None: no cache
     cache_verify: bool = False  # --cache-verify: the cache key also hashes each image file's content
-    json_path: Optional[str] = None
-    trace_path: Optional[str] = None  # --trace: Chrome/Perfetto trace-event JSON of the run
     progress: bool = True
-    # --decode device (engine/pipeline/encoded.py, engine/backends/gpudecode.py)
-    host_decode_share: float = -1.0  # share of device-decodable JPEGs the workers decode; -1: auto
-    decode_arena_kib: int = 256  # compressed bytes per image in a ring slot's arena
-    jpeg_decoder: str = "torchvision"  # the device decoder behind gpudecode.JpegDecoder
-    device_resize: str = "pil"  # pil: Pillow's fixed-point arithmetic on tensors; tensor: torchvision's float resize
 
     def __post_init__(self):
         if self.batch_size < 0:
             raise ConfigError(f"--batch-size must be at least 1, or auto (got {self.batch_size})")
         if self.workers < 0:
             raise ConfigError(f"--workers must be at least 1, or auto (got {self.workers})")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1 (got {self.limit})")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.shape not in SHAPES:
-            raise ConfigError(f"--shape {self.shape!r} is not one of {', '.join(SHAPES)}")
-        if self.optimization_level not in (0, 1, 2):
-            raise ConfigError(f"--optimization-level must be 0, 1 or 2 (got {self.optimization_level})")
-        if self.sim_batch_ms < 0 or self.sim_h2d_gbps < 0:
-            raise ConfigError("--sim-batch-ms and --sim-h2d-gbps must not be negative")
         if self.inflight < 1:
             raise ConfigError(f"in-flight batches must be at least 1 (got {self.inflight})")
         if self.ring_slots and self.ring_slots < 2:
@@ -367,32 +413,136 @@ class RunConfig:
             raise ConfigError(f"--max-image-pixels must be at least 1 (got {self.max_image_pixels})")
         if self.image_timeout <= 0:
             raise ConfigError(f"--image-timeout must be positive (got {self.image_timeout})")
-        if not (self.host_decode_share == -1.0 or 0.0 <= self.host_decode_share <= 1.0):
-            raise ConfigError(f"--host-decode-share must be between 0 and 1, or auto (got {self.host_decode_share})")
-        if self.device_resize not in ("pil", "tensor"):
-            raise ConfigError(f"--device-resize {self.device_resize!r} is not one of pil, tensor")
-        if self.decode_arena_kib < 4:
-            raise ConfigError(f"--decode-arena-kib must be at least 4 (got {self.decode_arena_kib})")
-        if self.devices:
-            object.__setattr__(self, "devices", format_devices(parse_devices(self.devices)))
-        if self.weights is not None and self.ts is not None:
-            raise ConfigError("give either --weights (a state dict) or --ts (TorchScript), not both")
-        if self.pixel_cache and self.preprocess.decode == "device":
-            raise ConfigError("--pixel-cache keeps host-decoded pixels and --decode device decodes on the GPU: "
-                              "use --pixel-cache with --decode exact or fast, or drop it")
 
     @property
     def slots(self) -> int:
         """Ring slots: enough for every batch in flight on the device plus batches being filled."""
-        if self.ring_slots:
-            return self.ring_slots
-        return self.inflight + 2
+        return self.ring_slots or self.inflight + 2
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class DeviceDecodeOptions:
+    """`--decode device` (engine/pipeline/encoded.py, engine/backends/decodestage.py)."""
+
+    host_decode_share: float = -1.0  # share of device-decodable JPEGs the workers decode; -1: auto
+    arena_kib: int = 256  # --decode-arena-kib: compressed bytes per image in a ring slot's arena
+    jpeg_decoder: str = "torchvision"  # the device decoder behind gpudecode.JpegDecoder
+    resize: str = "pil"  # --device-resize: pil, Pillow's arithmetic on tensors; tensor, torchvision's
+
+    def __post_init__(self):
+        if not (self.host_decode_share == -1.0 or 0.0 <= self.host_decode_share <= 1.0):
+            raise ConfigError(f"--host-decode-share must be between 0 and 1, or auto (got {self.host_decode_share})")
+        if self.resize not in ("pil", "tensor"):
+            raise ConfigError(f"--device-resize {self.resize!r} is not one of pil, tensor")
+        if self.arena_kib < 4:
+            raise ConfigError(f"--decode-arena-kib must be at least 4 (got {self.arena_kib})")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the report goes besides stdout: `--json`, `--trace`."""
+
+    json_path: Optional[str] = None
+    trace_path: Optional[str] = None  # --trace: Chrome/Perfetto trace-event JSON of the run
+
+
+# Every option by its flat name (the command-line flag's dest), and where it lives:
+# (section, [sub-section,] field). `resolve_config(**flat)` and `RunConfig.replace(**flat)` take
+# these names; engine/cli.py takes each flag's default from here, so none is written twice.
+FLAT_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "data": ("data", "path"), "labels": ("data", "labels"), "limit": ("data", "limit"),
+    "num_classes": ("data", "num_classes"),
+    "model": ("model", "name"), "weights": ("model", "weights"), "ts": ("model", "ts"),
+    "backend": ("backend", "name"), "device": ("backend", "device"), "devices": ("backend", "devices"),
+    "precision": ("backend", "precision"), "shape": ("backend", "shape"), "cache_dir": ("backend", "cache_dir"),
+    "use_cache": ("backend", "use_cache"), "threads": ("backend", "threads"),
+    "soc_version": ("backend", "aie", "soc_version"), "optimization_level": ("backend", "aie", "optimization_level"),
+    "sim_batch_ms": ("backend", "sim", "batch_ms"), "sim_h2d_gbps": ("backend", "sim", "h2d_gbps"),
+    "cuda_graphs": ("backend", "cuda", "graphs"),
+    "batch_size": ("pipeline", "batch_size"), "workers": ("pipeline", "workers"),
+    "ring_slots": ("pipeline", "ring_slots"), "inflight": ("pipeline", "inflight"),
+    "compute_only_iters": ("pipeline", "compute_only_iters"), "max_image_pixels": ("pipeline", "max_image_pixels"),
+    "image_timeout": ("pipeline", "image_timeout"), "pixel_cache": ("pipeline", "pixel_cache"),
+    "cache_verify": ("pipeline", "cache_verify"), "progress": ("pipeline", "progress"),
+    "host_decode_share": ("device_decode", "host_decode_share"), "decode_arena_kib": ("device_decode", "arena_kib"),
+    "jpeg_decoder": ("device_decode", "jpeg_decoder"), "device_resize": ("device_decode", "resize"),
+    "json_path": ("output", "json_path"), "trace_path": ("output", "trace_path"),
+}
+_SECTIONS = {"data": DataOptions, "model": ModelOptions, "backend": BackendOptions, "pipeline": PipelineOptions,
+             "device_decode": DeviceDecodeOptions, "output": OutputOptions}
+_SUB = {"aie": AieOptions, "sim": SimOptions, "cuda": CudaOptions}
+
+
+def flat_default(name: str):
+    """The default of an option by its flat name (its section's field default)."""
+    where = FLAT_FIELDS[name]
+    cls = _SECTIONS[where[0]] if len(where) == 2 else _SUB[where[1]]
+    f = cls.__dataclass_fields__[where[-1]]
+    return f.default
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run of the engine needs, in sections. Built by `resolve_config`; every option
+    also has a flat name (FLAT_FIELDS: the flag's) that `resolve_config` and `replace` take."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    backend: BackendOptions = field(default_factory=BackendOptions)
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    preset: Optional[str] = None  # --preset NAME: the named preset the preprocessing started from
+    device_decode: DeviceDecodeOptions = field(default_factory=DeviceDecodeOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    def __post_init__(self):
+        if self.pipeline.pixel_cache and self.preprocess.decode == "device":
+            raise ConfigError("--pixel-cache keeps host-decoded pixels and --decode device decodes on the GPU: "
+                              "use --pixel-cache with --decode exact or fast, or drop it")
+
+    @classmethod
+    def from_flat(cls, **flat) -> "RunConfig":
+        """A RunConfig from flat option names (and section objects, `preprocess`, `preset`)."""
+        return RunConfig().replace(**flat)
 
     def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with options changed, by flat name (`batch_size=32`) or whole section."""
+        sections: Dict[str, Dict] = {}
+        subs: Dict[str, Dict] = {}
+        whole: Dict = {}
+        for name, value in changes.items():
+            if name in FLAT_FIELDS:
+                where = FLAT_FIELDS[name]
+                if len(where) == 2:
+                    sections.setdefault(where[0], {})[where[1]] = value
+                else:
+                    subs.setdefault(where[1], {})[where[2]] = value
+            elif name in RunConfig.__dataclass_fields__:
+                whole[name] = value
+            else:
+                raise TypeError(f"RunConfig has no option {name!r}")
+        backend = whole.get("backend", self.backend)
+        if subs:
+            backend = dataclasses.replace(backend, **{k: dataclasses.replace(getattr(backend, k), **v)
+                                                      for k, v in subs.items()})
+            whole["backend"] = backend
+        for sec, values in sections.items():
+            whole[sec] = dataclasses.replace(whole.get(sec, getattr(self, sec)), **values)
+        return dataclasses.replace(self, **whole) if whole else self
+
+    def flat(self) -> Dict:
+        """Every option by its flat name."""
+        out = {}
+        for name, where in FLAT_FIELDS.items():
+            obj = self
+            for part in where:
+                obj = getattr(obj, part)
+            out[name] = obj
+        return out
+
+    def to_dict(self) -> dict:
+        """The configuration as a report shows it, section by section."""
+        return dataclasses.asdict(self)
 
 
 def default_cache_dir() -> str:
@@ -422,15 +572,24 @@ def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optiona
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
-    return RunConfig(model=model, preprocess=spec, preset=preset, **fields)
+    return RunConfig.from_flat(model=model, preprocess=spec, preset=preset, **fields)
 
 
 def config_from_dict(d: Dict) -> RunConfig:
     """A `RunConfig` back from `to_dict()` (or its JSON): how a device process gets its run's
     configuration (engine/pipeline/device_process.py). Unknown keys are refused."""
-    d = dict(d)
-    pre = dict(d.pop("preprocess", {}) or {})
-    for k in ("mean", "std"):
-        if k in pre:
-            pre[k] = tuple(pre[k])
-    return RunConfig(preprocess=PreprocessSpec(**pre), **d)
+    def build(cls, values: Dict):
+        kw = {}
+        for k, v in values.items():
+            f = cls.__dataclass_fields__[k]
+            if k == "preprocess":
+                v = build(PreprocessSpec, v)
+            elif k in ("mean", "std"):
+                v = tuple(v)
+            elif isinstance(v, dict) and dataclasses.is_dataclass(f.default_factory if f.default_factory
+                                                                    is not dataclasses.MISSING else None):
+                v = build(f.default_factory, v)
+            kw[k] = v
+        return cls(**kw)
+
+    return build(RunConfig, dict(d))

@@ -35,12 +35,12 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
                  tuning: Optional[Dict] = None) -> Dict:
     n_done = metrics.images + metrics.failed
     e2e = n_done / stats.wall_s if stats.wall_s > 0 else 0.0
-    compute = cfg.batch_size / float(np.mean(compute_lat)) if compute_lat else 0.0
+    compute = cfg.pipeline.batch_size / float(np.mean(compute_lat)) if compute_lat else 0.0
     workers = pool.worker_stats() if pool is not None else []
     busy = sum(w["busy_s"] for w in workers)
     per_worker = (sum(w["images"] for w in workers) / busy) if busy > 0 else 0.0
     return {
-        "model": backend_info.get("model", cfg.ts or cfg.model),  # the --ts file when one ran
+        "model": backend_info.get("model", cfg.model.ts or cfg.model.name),  # the --ts file when one ran
         "top1": metrics.accuracy(1),
         "top5": metrics.accuracy(5),
         "correct_top1": metrics.correct[1],
@@ -74,8 +74,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         },
         # stage partition of the wall time, decode vs device capacity, verdict (engine/report/profile.py)
         "profile": with_device_decode(
-            breakdown(stats, workers, cfg.workers, compute, n_done, cfg.preprocess.decode,
-                      backend_info.get("backend", cfg.backend), usable_cores()),
+            breakdown(stats, workers, cfg.pipeline.workers, compute, n_done, cfg.preprocess.decode,
+                      backend_info.get("backend", cfg.backend.name), usable_cores()),
             backend_info.get("device_decode")),
         "decode_mode": cfg.preprocess.decode,
         # --decode device: the GPU decoder as a stage (images, seconds, rate, routes, host share)
@@ -87,7 +87,7 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "loop": loop,
         "config": cfg.to_dict(),
         # how the preprocessing differs from the model's, and a --preset's origin (engine/config.py)
-        "preprocessing_check": preprocessing_check(cfg.model, cfg.preprocess, cfg.preset),
+        "preprocessing_check": preprocessing_check(cfg.model.name, cfg.preprocess, cfg.preset),
         "version": __version__,
         "environment": environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -140,8 +140,8 @@ def format_pixel_cache(pc: Dict) -> str:
 def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dict, int]:
     """Run the evaluation; prints the table, writes `--json`; returns (report, exit status)."""
     out = out or sys.stdout
-    ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
-    metrics = Metrics(cfg.num_classes)
+    ds = build_dataset(cfg.data.path, cfg.data.labels, cfg.data.limit, cfg.data.num_classes)
+    metrics = Metrics(cfg.data.num_classes)
 
     def reduce(r: BatchResult) -> None:
         for row, reason in r.failures:
@@ -166,8 +166,8 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
             cfg = session.cfg  # with the backend auto chose, and what autotune chose
             session.start()
             # compute-only first, while the workers are idle: inputs already on the device
-            compute = session.compute_only(cfg.compute_only_iters)
-            progress = Progress(len(ds), cfg.progress)
+            compute = session.compute_only(cfg.pipeline.compute_only_iters)
+            progress = Progress(len(ds), cfg.pipeline.progress)
             session.run(0, len(ds), reduce, progress, stats=stats)
             progress.close()
     finally:
@@ -189,13 +189,13 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     if session.pixel_cache is not None:
         text += "\n" + format_pixel_cache(report["pixel_cache"])
     print(text, file=out)
-    for line in format_preprocessing_check(report["preprocessing_check"], cfg.model):
+    for line in format_preprocessing_check(report["preprocessing_check"], cfg.model.name):
         print(line, file=out)
-    if cfg.json_path:
-        write_json(cfg.json_path, report)
-    if cfg.trace_path:
+    if cfg.output.json_path:
+        write_json(cfg.output.json_path, report)
+    if cfg.output.trace_path:
         keep = ("throughput", "profile", "decode_mode", "autotune", "images", "failed", "backend")
-        write_trace(cfg.trace_path, stats.batches, session.pool.spans if session.pool else [],
+        write_trace(cfg.output.trace_path, stats.batches, session.pool.spans if session.pool else [],
                     {k: report[k] for k in keep})
     if stopped is not None:
         return report, exit_for_signal(stopped)

@@ -74,7 +74,7 @@ def _windows(state: np.ndarray, miss: int, batch: int) -> List[Tuple[int, int]]:
 
 
 def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hwc", log=None) -> Tuple[Dict, int]:
-    """Fill `cfg.pixel_cache` for `cfg.data`; returns (summary, exit status). A driver over a
+    """Fill `cfg.pipeline.pixel_cache` for `cfg.data.path`; returns (summary, exit status). A driver over a
     decode-only Session (engine/pipeline/session.py): no backend, the pixel cache's write-through."""
     from engine.pipeline.dataset import build_dataset
     from engine.pipeline.pixelcache import MISS, PixelCacheError, export_bin
@@ -83,24 +83,24 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
 
     log = log if log is not None else sys.stderr
     t0 = time.monotonic()
-    ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
-    slots = max(4, 2 + -(-2 * cfg.workers * 16 // cfg.batch_size))  # enough chunks for every worker
+    ds = build_dataset(cfg.data.path, cfg.data.labels, cfg.data.limit, cfg.data.num_classes)
+    slots = max(4, 2 + -(-2 * cfg.pipeline.workers * 16 // cfg.pipeline.batch_size))  # enough chunks for every worker
     session = Session(cfg, ds, device=False, handle_signals=True, ring_slots=slots, log=log)
     try:
         session.open()
         if session.stopped is not None:  # a stop signal while opening: nothing was decoded
-            return {"dir": cfg.pixel_cache, "images": len(ds), "stopped": True}, exit_for_signal(session.stopped)
+            return {"dir": cfg.pipeline.pixel_cache, "images": len(ds), "stopped": True}, exit_for_signal(session.stopped)
         cache = session.cache
         missing = int((cache.state == MISS).sum())
         before = len(ds) - missing
-        windows = _windows(cache.state, MISS, cfg.batch_size)
+        windows = _windows(cache.state, MISS, cfg.pipeline.batch_size)
         if missing and not cache.writable:
             raise PixelCacheError(cache.note or f"pixel cache {cache.dir}: cannot be written")
-        if cfg.progress:
+        if cfg.pipeline.progress:
             print(f"make-cache: {len(ds):,} images, {before:,} already cached, {missing:,} to decode with "
-                  f"{cfg.workers} worker(s) into {cache.dir}", file=log)
+                  f"{cfg.pipeline.workers} worker(s) into {cache.dir}", file=log)
         if windows:
-            progress = Progress(sum(hi - lo for lo, hi in windows), cfg.progress, label="cached")
+            progress = Progress(sum(hi - lo for lo, hi in windows), cfg.pipeline.progress, label="cached")
             try:
                 session.fill(windows, progress)
             finally:
@@ -111,7 +111,7 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
         exported = None
         if export and stopped is None:
             total = len(ds)
-            bar = Progress(total, cfg.progress, label="exported")
+            bar = Progress(total, cfg.pipeline.progress, label="exported")
             count = [0]
             t1 = time.monotonic()
 

@@ -80,9 +80,9 @@ def test_workers_auto_picks_more_workers_for_a_faster_device(folder_set, tmp_pat
     # 16 images per 400 ms: 40 img/s, one worker keeps up; 16 per 0.2 ms: 80,000 img/s, none does
     r_slow, slow = _auto_run(folder_set, tmp_path, "--workers", "auto", "--batch-size", "16", "--sim-batch-ms", "400")
     r_fast, fast = _auto_run(folder_set, tmp_path, "--workers", "auto", "--batch-size", "16", "--sim-batch-ms", "0.2")
-    assert slow["config"]["workers"] == slow["autotune"]["workers"]["value"] == 1
-    assert fast["config"]["workers"] == fast["autotune"]["workers"]["value"] == ROOM
-    assert fast["config"]["workers"] > slow["config"]["workers"]
+    assert slow["config"]["pipeline"]["workers"] == slow["autotune"]["workers"]["value"] == 1
+    assert fast["config"]["pipeline"]["workers"] == fast["autotune"]["workers"]["value"] == ROOM
+    assert fast["config"]["pipeline"]["workers"] > slow["config"]["pipeline"]["workers"]
     assert "--workers auto: 1 (one worker decodes" in r_slow.stderr
     assert "capped at" in r_fast.stderr and "auto          --workers" in r_fast.stdout
     assert len(fast["stages"]["workers"]) == ROOM  # the run used them
@@ -93,5 +93,5 @@ def test_batch_size_auto_measures_every_candidate(folder_set, tmp_path):
     tune = rep["autotune"]["batch_size"]
     assert [int(b) for b in tune["compute_img_per_s"]] == list(BATCH_CANDIDATES)
     # the sim device spends the same time on any batch, so the largest batch is the fastest
-    assert rep["config"]["batch_size"] == tune["value"] == max(BATCH_CANDIDATES)
+    assert rep["config"]["pipeline"]["batch_size"] == tune["value"] == max(BATCH_CANDIDATES)
     assert "--batch-size auto: 256" in r.stderr and rep["images"] == 32

@@ -61,7 +61,7 @@ def test_report_fields_and_exit_zero(folder_set, tmp_path):
         assert key in rep
     for key in ("end_to_end", "compute_only", "ratio"):
         assert rep["throughput"][key] > 0
-    assert rep["images"] == 50 and rep["config"]["batch_size"] == 32 and rep["partial"] is False
+    assert rep["images"] == 50 and rep["config"]["pipeline"]["batch_size"] == 32 and rep["partial"] is False
     for line in ("top-1", "top-5", "end to end", "compute only", "ratio", "stages"):
         assert line in r.stdout
     assert "img/s" in r.stderr  # progress

@@ -58,7 +58,7 @@ def test_run_eval_defaults_print_and_report_the_choices(folder_set, tmp_path):
     assert "--backend auto: using cpu (no torch_aie, no torch_npu, no CUDA device)" in r.stderr
     assert rep["backend"]["auto"] == "no torch_aie, no torch_npu, no CUDA device"
     assert rep["autotune"]["workers"]["value"] >= 1 and rep["autotune"]["workers"]["reason"]
-    assert rep["config"]["workers"] == rep["autotune"]["workers"]["value"]
+    assert rep["config"]["pipeline"]["workers"] == rep["autotune"]["workers"]["value"]
     assert rep["images"] == 24
 
 

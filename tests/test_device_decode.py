@@ -145,7 +145,7 @@ def test_config_and_cli_options():
     a = eval_parser().parse_args(["--data", "x", "--decode", "device", "--host-decode-share", "0.3",
                                   "--decode-arena-kib", "512", "--backend", "cpu"])
     cfg = config_from_args(a)
-    assert (cfg.preprocess.decode, cfg.host_decode_share, cfg.decode_arena_kib) == ("device", 0.3, 512)
+    assert (cfg.preprocess.decode, cfg.device_decode.host_decode_share, cfg.device_decode.arena_kib) == ("device", 0.3, 512)
     a = eval_parser().parse_args(["--data", "x", "--decode", "device", "--host-decode-share", "auto",
                                   "--backend", "cpu"])
     assert config_from_args(a).host_decode_share == -1.0

@@ -50,7 +50,7 @@ def test_parse_devices():
     for bad in ("", "a", "1-0", "-1", "0,0", "0-1,1"):
         with pytest.raises(ConfigError, match="--devices"):
             parse_devices(bad)
-    assert resolve_config(devices="0-2").devices == "0,1,2"
+    assert resolve_config(devices="0-2").backend.devices == "0,1,2"
 
 
 @pytest.mark.parametrize("devices", ["0", "0,1", "0-3"])

@@ -40,8 +40,8 @@ def run_direct(ds, loop_kind="auto", **fields):
     """Drive pool + scheduler directly; returns ({index: (ok, logits)}, stats, loop name)."""
     cfg = resolve_config("resnext50_32x4d", backend="sim", **fields)
     backend = SimBackend(cfg)
-    backend.prepare(cfg.batch_size)
-    ring = Ring(cfg.slots, cfg.batch_size, cfg.preprocess.shape)
+    backend.prepare(cfg.pipeline.batch_size)
+    ring = Ring(cfg.pipeline.slots, cfg.pipeline.batch_size, cfg.preprocess.shape)
     got = {}
 
     def reduce(r):
@@ -50,10 +50,10 @@ def run_direct(ds, loop_kind="auto", **fields):
             got[i] = (bool(r.ok[j]), r.logits[j].copy(), int(r.labels[j]))
 
     async def main():
-        pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers)
+        pool = WorkerPool(ring, ds, cfg.preprocess, cfg.pipeline.workers)
         await pool.start()
         try:
-            return await run_pipeline(PoolSource(pool, ring), backend, len(ds), cfg.batch_size, cfg.inflight, reduce)
+            return await run_pipeline(PoolSource(pool, ring), backend, len(ds), cfg.pipeline.batch_size, cfg.pipeline.inflight, reduce)
         finally:
             pool.close()
 
@@ -105,7 +105,7 @@ def test_event_loop_never_blocks(folder_set):
     cfg = resolve_config("resnext50_32x4d", backend="sim", batch_size=8, workers=2, sim_batch_ms=40.0)
     backend = SimBackend(cfg)
     backend.prepare(8)
-    ring = Ring(cfg.slots, 8, cfg.preprocess.shape)
+    ring = Ring(cfg.pipeline.slots, 8, cfg.preprocess.shape)
     gaps = []
 
     async def ticker(stop):
@@ -118,7 +118,7 @@ def test_event_loop_never_blocks(folder_set):
 
     async def main():
         stop = asyncio.Event()
-        pool = WorkerPool(ring, ds, cfg.preprocess, cfg.workers)
+        pool = WorkerPool(ring, ds, cfg.preprocess, cfg.pipeline.workers)
         await pool.start()
         t = asyncio.ensure_future(ticker(stop))
         try:

@@ -69,7 +69,7 @@ def drive(data, cache_dir=None, batch=8, workers=2, static=False, limit=None, wr
     backend.prepare(batch)
     if static:
         backend.static_shape = True
-    ring = Ring(cfg.slots, batch, cfg.preprocess.shape)
+    ring = Ring(cfg.pipeline.slots, batch, cfg.preprocess.shape)
     cache = PixelCache.open(cache_dir, ds, cfg.preprocess, None) if cache_dir else None
     if cache is not None and put is not None:
         cache.put = put(cache)
@@ -92,9 +92,9 @@ def drive(data, cache_dir=None, batch=8, workers=2, static=False, limit=None, wr
                 await pool.start()
                 src = PoolSource(pool, ring, pad)
             else:
-                src = source = CacheSource(cache, ds, pool, ring, pad, ahead=cfg.slots, write=write and cache.writable)
+                src = source = CacheSource(cache, ds, pool, ring, pad, ahead=cfg.pipeline.slots, write=write and cache.writable)
                 await source.start(0, len(ds))
-            await run_pipeline(src, backend, len(ds), batch, cfg.inflight, reduce)
+            await run_pipeline(src, backend, len(ds), batch, cfg.pipeline.inflight, reduce)
             if source is not None:
                 await source.finish()
         finally:
@@ -248,14 +248,14 @@ def test_run_eval_cli_reports_the_cache(mixed_set, tmp_path):
     (plain, _), (first, text1), (second, text2) = runs
     _same_report(first, plain)
     _same_report(second, plain)
-    assert "pixel_cache" not in plain and plain["config"]["pixel_cache"] is None
+    assert "pixel_cache" not in plain and plain["config"]["pipeline"]["pixel_cache"] is None
     n = plain["dataset_images"]
     pc1, pc2 = first["pixel_cache"], second["pixel_cache"]
     assert pc1["dir"].startswith(cache) and pc1["dir"] == pc2["dir"]
     assert (pc1["hits"], pc1["written"], pc1["rejected"]) == (0, n - BAD, 0)
     assert (pc2["hits"], pc2["hits_failed"], pc2["written"], pc2["rejected"]) == (n, BAD, 0, 0)
     assert second["stages"]["workers"] == [] and not pc2["workers_started"]
-    assert first["config"]["pixel_cache"] == cache
+    assert first["config"]["pipeline"]["pixel_cache"] == cache
     assert "pixel cache" in text2 and f"{n} read" in text2 and "no workers started" in text2
     assert second["profile"]["pixel_cache"] == {"hits": n, "decoded": 0}
     assert "workers could deliver 0" not in text2  # the verdict names the cache, not idle workers
@@ -430,7 +430,7 @@ def test_cache_verify_and_other_preprocessing(mixed_set, tmp_path):
         assert r.returncode == 1, r.stderr
         reps.append(_report(out))
     n = reps[0]["dataset_images"]
-    assert reps[0]["pixel_cache"]["verify"] and reps[0]["config"]["cache_verify"]
+    assert reps[0]["pixel_cache"]["verify"] and reps[0]["config"]["pipeline"]["cache_verify"]
     assert reps[0]["pixel_cache"]["written"] == n - BAD and reps[1]["pixel_cache"]["hits"] == n
     _same_report(reps[1], reps[0])
     other = reps[2]["pixel_cache"]

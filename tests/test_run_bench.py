@@ -49,7 +49,7 @@ def test_sim_bench_json_table_and_plot(tmp_path, capsys):
         assert r["latency_ms"]["p50"] >= 4.0 * 0.98  # the simulated device time is paid
         assert r["img_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["latency_ms"]["mean"])
     cfg = bench["config"]
-    assert cfg["backend"] == "sim" and cfg["iterations"] == 5 and cfg["warmup"] == 1
+    assert cfg["backend"]["name"] == "sim" and cfg["iterations"] == 5 and cfg["warmup"] == 1
     assert cfg["batch_sizes"] == [1, 4, 16] and cfg["backend_info"]["backend"] == "sim"
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from engine.evaluate import run_eval
 def test_library_session_counts_like_run_eval(folder_set):
     cfg = engine.resolve_config(data=folder_set, backend="sim", batch_size=16, workers=1, sim_batch_ms=0,
                                 progress=False)
-    metrics = engine.Metrics(cfg.num_classes)
+    metrics = engine.Metrics(cfg.data.num_classes)
     handlers = []
 
     def reduce(r):
@@ -25,7 +25,7 @@ def test_library_session_counts_like_run_eval(folder_set):
 
     before = signal.getsignal(signal.SIGTERM)
     with engine.Session(cfg) as s:
-        assert s.cfg.backend == "sim" and s.backend is not None and s.pool is not None
+        assert s.cfg.backend.name == "sim" and s.backend is not None and s.pool is not None
         lat = s.compute_only(3)
         assert len(lat) == 3 and all(t >= 0 for t in lat)
         stats = s.run(0, len(s.dataset), reduce)

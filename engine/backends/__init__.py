@@ -70,14 +70,14 @@ def resolve_auto(verbose: bool = True) -> str:
 
 
 def create_backend(config: RunConfig) -> Backend:
-    name, reason = config.backend, None
+    name, reason = config.backend.name, None
     if name == "auto":
         name, reason = auto_choice()
         print(f"--backend auto: using {name} ({reason})", file=sys.stderr)
         config = config.replace(backend=name)
     if name not in REGISTRY:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
-    if config.precision == "auto":
+    if config.backend.precision == "auto":
         from engine.config import default_precision
 
         config = config.replace(precision=default_precision(name))

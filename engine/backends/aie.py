@@ -138,23 +138,23 @@ class AieBackend(Backend):
         except Exception:
             pass
         finally:
-            self.aie.set_device(self.config.device)
+            self.aie.set_device(self.config.backend.device)
         return count
 
     def __init__(self, config):
         super().__init__(config)
-        if config.precision not in POLICIES:
-            raise BackendError(f"--precision {config.precision} is not supported on the aie backend; "
+        if config.backend.precision not in POLICIES:
+            raise BackendError(f"--precision {config.backend.precision} is not supported on the aie backend; "
                                "use fp16 or fp32")
         self.aie = import_torch_aie()
-        self.static_shape = config.shape == "static"
-        self.device = f"npu:{config.device}"
+        self.static_shape = config.backend.shape == "static"
+        self.device = f"npu:{config.backend.device}"
         try:
-            self.aie.set_device(config.device)
+            self.aie.set_device(config.backend.device)
         except Exception as e:
-            raise BackendError(f"--device {config.device}: torch_aie.set_device failed: {e}")
+            raise BackendError(f"--device {config.backend.device}: torch_aie.set_device failed: {e}")
         _register_finalize()
-        self.cache = CompileCache(config.cache_dir, config.use_cache)
+        self.cache = CompileCache(config.backend.cache_dir, config.backend.use_cache)
         try:
             self.copy_stream = self.aie.npu.Stream(self.device)
             self.compute_stream = self.aie.npu.Stream(self.device)
@@ -174,26 +174,26 @@ class AieBackend(Backend):
     def _identity(self) -> Dict:
         """What the model is, by content: the cache key's first part; fills the report's model info."""
         cfg = self.config
-        if cfg.ts:
-            if not os.path.isfile(cfg.ts):
-                raise BackendError(f"--ts {cfg.ts}: no such file")
-            sha = file_sha256(cfg.ts)
-            self._model_info = {"model": model_name(cfg), "source": "torchscript", "ts": cfg.ts, "sha256": sha,
-                                "preset": cfg.model}
+        if cfg.model.ts:
+            if not os.path.isfile(cfg.model.ts):
+                raise BackendError(f"--ts {cfg.model.ts}: no such file")
+            sha = file_sha256(cfg.model.ts)
+            self._model_info = {"model": model_name(cfg), "source": "torchscript", "ts": cfg.model.ts, "sha256": sha,
+                                "preset": cfg.model.name}
             return {"kind": "torchscript", "sha256": sha}
-        weights = cfg.weights or torchvision_weights(cfg.model)[0]
+        weights = cfg.model.weights or torchvision_weights(cfg.model.name)[0]
         if weights is None:
             import torchvision
 
-            self._model_info = {"model": cfg.model, "source": "torchvision", "weights": "random"}
-            return {"kind": "torchvision", "model": cfg.model, "weights": "random (seed 0)",
+            self._model_info = {"model": cfg.model.name, "source": "torchvision", "weights": "random"}
+            return {"kind": "torchvision", "model": cfg.model.name, "weights": "random (seed 0)",
                     "torch": torch.__version__, "torchvision": torchvision.__version__,
-                    "num_classes": cfg.num_classes}
+                    "num_classes": cfg.data.num_classes}
         if not os.path.isfile(weights):
             raise BackendError(f"--weights {weights}: no such file")
         sha = file_sha256(weights)
-        self._model_info = {"model": cfg.model, "source": "torchvision", "weights": weights, "sha256": sha}
-        return {"kind": "torchvision", "model": cfg.model, "weights_sha256": sha, "num_classes": cfg.num_classes}
+        self._model_info = {"model": cfg.model.name, "source": "torchvision", "weights": weights, "sha256": sha}
+        return {"kind": "torchvision", "model": cfg.model.name, "weights_sha256": sha, "num_classes": cfg.data.num_classes}
 
     def _options(self, identity: Dict, dtype_name: str, batch_size: int) -> Dict:
         cfg, spec = self.config, self.spec
@@ -202,13 +202,13 @@ class AieBackend(Backend):
             "cache_format": 1,
             "engine": __version__,
             "model": identity,
-            "input": {"dtype": dtype_name, "layout": "NHWC", "shape": cfg.shape, "batch": batch_size,
+            "input": {"dtype": dtype_name, "layout": "NHWC", "shape": cfg.backend.shape, "batch": batch_size,
                       "height": h, "width": w},
             "mean": list(spec.mean),
             "std": list(spec.std),
-            "precision_policy": POLICIES[cfg.precision],
-            "soc_version": cfg.soc_version,
-            "optimization_level": cfg.optimization_level,
+            "precision_policy": POLICIES[cfg.backend.precision],
+            "soc_version": cfg.backend.aie.soc_version,
+            "optimization_level": cfg.backend.aie.optimization_level,
             "torch_aie": str(getattr(self.aie, "__version__", "unknown")),
             "torch": torch.__version__,
         }
@@ -244,10 +244,10 @@ class AieBackend(Backend):
 
     def _compile(self, ts, inp):
         policies = getattr(self.aie, "PrecisionPolicy", None) or self.aie._enums.PrecisionPolicy
-        policy = getattr(policies, POLICIES[self.config.precision])
+        policy = getattr(policies, POLICIES[self.config.backend.precision])
         with quiet_jit():
-            return self.aie.compile(ts, inputs=[inp], precision_policy=policy, soc_version=self.config.soc_version,
-                                    optimization_level=self.config.optimization_level)
+            return self.aie.compile(ts, inputs=[inp], precision_policy=policy, soc_version=self.config.backend.aie.soc_version,
+                                    optimization_level=self.config.backend.aie.optimization_level)
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -301,16 +301,16 @@ class AieBackend(Backend):
         else:
             raise BackendError("aie: torch_aie accepted no input dtype: " + "; ".join(notes))
         if how == "hit" and self._model_info.get("weights") == "random":
-            print(f"warning: no weights for {self.config.model} (give --weights FILE.pth); the cached "
+            print(f"warning: no weights for {self.config.model.name} (give --weights FILE.pth); the cached "
                   "compiled model has random weights, so the accuracy means nothing", file=sys.stderr)
         h, w, c = self.spec.shape
         self._shape = (batch_size, h, w, c)
-        self._staging = HostBuffers(self._new_staging, self.config.inflight + 1)
+        self._staging = HostBuffers(self._new_staging, self.config.pipeline.inflight + 1)
 
     def _what(self, batch_size: int) -> str:
         batch = f"batch {batch_size}" if self.static_shape else f"batches 1..{batch_size}"
-        return (f"{batch}, {self.config.precision}, {self.config.soc_version}, "
-                f"optimization level {self.config.optimization_level}")
+        return (f"{batch}, {self.config.backend.precision}, {self.config.backend.aie.soc_version}, "
+                f"optimization level {self.config.backend.aie.optimization_level}")
 
     @staticmethod
     def _save(model, path: str) -> None:
@@ -390,9 +390,9 @@ class AieBackend(Backend):
 
     def describe(self) -> Dict:
         cfg = self.config
-        return dict(self._model_info, backend=self.name, device=self.device, precision=cfg.precision,
-                    precision_policy=POLICIES[cfg.precision], shape=cfg.shape, compiled_batch=self.batch_size,
-                    soc_version=cfg.soc_version, optimization_level=cfg.optimization_level,
+        return dict(self._model_info, backend=self.name, device=self.device, precision=cfg.backend.precision,
+                    precision_policy=POLICIES[cfg.backend.precision], shape=cfg.backend.shape, compiled_batch=self.batch_size,
+                    soc_version=cfg.backend.aie.soc_version, optimization_level=cfg.backend.aie.optimization_level,
                     host_memory="pinned" if self.pinned else "pageable", streams="copy + compute, synchronize()",
                     **self.info)
 

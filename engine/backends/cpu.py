@@ -27,18 +27,18 @@ class CpuBackend(Backend):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.precision == "fp16":
+        if config.backend.precision == "fp16":
             raise BackendError("--precision fp16 is not supported on the cpu backend; use fp32 or bf16")
         self._lock = threading.Lock()  # one forward at a time: the threads are already all in use
         self.model = None
         self.info: Dict = {}
-        self.threads = config.threads or max(1, usable_cores() - config.workers)
+        self.threads = config.backend.threads or max(1, usable_cores() - config.pipeline.workers)
 
     def prepare(self, batch_size: int) -> None:
         self.batch_size = batch_size
         torch.set_num_threads(self.threads)
         net, self.info = build_model(self.config)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if self.config.backend.precision == "bf16" else torch.float32
         if dtype != torch.float32:
             net = net.to(dtype)
         adapter = InputAdapter(self.spec.mean, self.spec.std, dtype)
@@ -58,4 +58,4 @@ class CpuBackend(Backend):
 
     def describe(self) -> Dict:
         return dict(self.info, backend=self.name, device="cpu", threads=self.threads,
-                    precision=self.config.precision)
+                    precision=self.config.backend.precision)

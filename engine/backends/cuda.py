@@ -114,21 +114,21 @@ class StreamBackend(Backend):
 
     def __init__(self, config):
         super().__init__(config)
-        if config.precision not in DTYPES:
-            raise BackendError(f"--precision {config.precision} is not supported on {self.name}")
-        if config.cuda_graphs and not self.supports_graphs:
+        if config.backend.precision not in DTYPES:
+            raise BackendError(f"--precision {config.backend.precision} is not supported on {self.name}")
+        if config.backend.cuda.graphs and not self.supports_graphs:
             raise BackendError(f"--cuda-graphs is for --backend cuda, not {self.name}")
-        if config.cuda_graphs and config.shape == "dynamic":
+        if config.backend.cuda.graphs and config.backend.shape == "dynamic":
             raise BackendError("--cuda-graphs captures one batch size: use --shape static")
         self.dm = self._device_module()
         count = self.dm.device_count()
-        if not 0 <= config.device < count:
-            raise BackendError(f"--device {config.device}: this machine has {count} {self.device_type} "
+        if not 0 <= config.backend.device < count:
+            raise BackendError(f"--device {config.backend.device}: this machine has {count} {self.device_type} "
                                f"device(s) (0..{count - 1})")
-        self.device = torch.device(self.device_type, config.device)
+        self.device = torch.device(self.device_type, config.backend.device)
         self.dm.set_device(self.device)
-        self.dtype = DTYPES[config.precision]
-        self.use_graphs = bool(config.cuda_graphs)
+        self.dtype = DTYPES[config.backend.precision]
+        self.use_graphs = bool(config.backend.cuda.graphs)
         self.static_shape = self.use_graphs
         self.copy_stream = self.dm.Stream(device=self.device)
         self.compute_stream = self.dm.Stream(device=self.device)
@@ -182,7 +182,7 @@ class StreamBackend(Backend):
         self.model = WithInput(adapter, net).to(self.device).eval()
         h, w, c = self.spec.shape
         self._shape = (batch_size, h, w, c)
-        self._staging = HostBuffers(lambda: self._pinned_empty(self._shape, torch.uint8), self.config.inflight + 1)
+        self._staging = HostBuffers(lambda: self._pinned_empty(self._shape, torch.uint8), self.config.pipeline.inflight + 1)
         # warm up on the compute stream: cudnn.benchmark picks its algorithms, and a TorchScript
         # model's profiling executor finishes optimising (compiling fused kernels) before any capture
         x = torch.zeros(self._shape, dtype=torch.uint8, device=self.device)
@@ -199,12 +199,12 @@ class StreamBackend(Backend):
 
             try:
                 _filter(self.spec.interpolation)
-                decoder = make_decoder(self.config.jpeg_decoder, self.device)
+                decoder = make_decoder(self.config.device_decode.jpeg_decoder, self.device)
             except DecodeRefused as e:
                 raise BackendError(str(e)) from None
             self.decode_stage = DeviceDecodeStage(self.dm, self.device, decoder, self.spec.resize,
-                                                  self.spec.interpolation, self.config.device_resize,
-                                                  self.config.max_image_pixels, self._new_event)
+                                                  self.spec.interpolation, self.config.device_decode.resize,
+                                                  self.config.pipeline.max_image_pixels, self._new_event)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad rather than inference_mode: TorchScript (--ts) models and fusers are safe under it
@@ -289,7 +289,7 @@ class StreamBackend(Backend):
         `x` is complete, on whichever stream made it) has fired, and its logits D2H into pinned
         memory. Returns (pinned logits, done event, device logits to keep alive)."""
         n = x.shape[0]
-        out = self._pinned_empty((n, self.config.num_classes), torch.float32)
+        out = self._pinned_empty((n, self.config.data.num_classes), torch.float32)
         with self._lock, self.dm.stream(self.compute_stream):
             self.compute_stream.wait_event(copied)
             self._record_stream(x, self.compute_stream)  # x was allocated on another stream
@@ -349,7 +349,7 @@ class StreamBackend(Backend):
         except Exception:
             device_name = str(self.device)
         return dict(self.info, backend=self.name, device=str(self.device), device_name=device_name,
-                    precision=self.config.precision, channels_last=True, graphs=self.graph is not None,
+                    precision=self.config.backend.precision, channels_last=True, graphs=self.graph is not None,
                     host_memory=self.host_memory,
                     streams="copy + compute, events" + (" + decode" if self.decode_stage is not None else ""),
                     **(self.decode_stage.describe() if self.decode_stage is not None else {}))

@@ -67,8 +67,8 @@ class SimBackend(Backend):
 
     def __init__(self, config):
         super().__init__(config)
-        self.batch_s = config.sim_batch_ms / 1000.0
-        self.gbps = config.sim_h2d_gbps
+        self.batch_s = config.backend.sim.batch_ms / 1000.0
+        self.gbps = config.backend.sim.h2d_gbps
         self._lock = threading.Lock()
         self._copy_free = 0.0
         self._device_free = 0.0
@@ -111,7 +111,7 @@ class SimBackend(Backend):
         np.copyto(device, pixels)  # the real copy: every byte of the host batch is read
         self.copied_bytes += pixels.nbytes
         copy_end, done = self._schedule(pixels.nbytes)
-        return _SimBatch(copy_end, done, device, self.config.num_classes, lambda: self._give_buffer(buf))
+        return _SimBatch(copy_end, done, device, self.config.data.num_classes, lambda: self._give_buffer(buf))
 
     def compute_only(self, batch_size: int, iterations: int, warmup: int = 1) -> List[float]:
         out = []
@@ -127,4 +127,4 @@ class SimBackend(Backend):
 
     def describe(self) -> Dict:
         return {"backend": self.name, "device": "simulated", "batch_ms": self.batch_s * 1000,
-                "h2d_gbps": self.gbps, "model": self.config.model, "source": "sim_logits"}
+                "h2d_gbps": self.gbps, "model": self.config.model.name, "source": "sim_logits"}

@@ -198,16 +198,16 @@ def load_torchscript(path: str, map_location: str = "cpu") -> nn.Module:
 def model_name(config: RunConfig) -> str:
     """What the report calls the model: the TorchScript file as given with --ts, else --model
     (with --ts, --model only picks the preprocessing preset)."""
-    return config.ts if config.ts else config.model
+    return config.model.ts if config.model.ts else config.model.name
 
 
 def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     """The model as the config names it; returns (eval-mode module, description for the report)."""
-    if config.ts:
-        return load_torchscript(config.ts), {"model": model_name(config), "source": "torchscript", "ts": config.ts,
-                                             "sha256": file_sha256(config.ts), "preset": config.model}
-    net, source = build_torchvision(config.model, config.weights, config.num_classes)
-    info = {"model": config.model, "source": "torchvision", "weights": source}
+    if config.model.ts:
+        return load_torchscript(config.model.ts), {"model": model_name(config), "source": "torchscript", "ts": config.model.ts,
+                                             "sha256": file_sha256(config.model.ts), "preset": config.model.name}
+    net, source = build_torchvision(config.model.name, config.model.weights, config.data.num_classes)
+    info = {"model": config.model.name, "source": "torchvision", "weights": source}
     if source != "random":
         info["sha256"] = file_sha256(source)
     return net, info

@@ -128,12 +128,12 @@ def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
 
     report: Dict = {}
     cores = usable_cores()
-    auto_batch, auto_workers = cfg.batch_size == 0, cfg.workers == 0
+    auto_batch, auto_workers = cfg.pipeline.batch_size == 0, cfg.pipeline.workers == 0
     image_bytes = int(math.prod(cfg.preprocess.shape))
     free = shm_free()
     prepared, rates = 0, {}
     if auto_batch:
-        fits = [b for b in BATCH_CANDIDATES if batch_fits(b, cfg.slots, image_bytes, free)] or [BATCH_CANDIDATES[0]]
+        fits = [b for b in BATCH_CANDIDATES if batch_fits(b, cfg.pipeline.slots, image_bytes, free)] or [BATCH_CANDIDATES[0]]
         rates = measure_compute(backend, fits)
         prepared = fits[-1]
         batch, why = choose_batch(rates)
@@ -145,11 +145,11 @@ def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
                                 "compute_img_per_s": {str(b): r for b, r in rates.items()}}
         cfg = cfg.replace(batch_size=batch)
         print(f"--batch-size auto: {batch} ({why})", file=log)
-    if prepared != cfg.batch_size:
-        backend.prepare(cfg.batch_size)
+    if prepared != cfg.pipeline.batch_size:
+        backend.prepare(cfg.pipeline.batch_size)
     if auto_workers:
         dec = measure_decode([ds.abspath(i) for i in range(len(ds))], cfg.preprocess)
-        rate = rates.get(cfg.batch_size) or measure_compute(backend, [cfg.batch_size], prepare=False)[cfg.batch_size]
+        rate = rates.get(cfg.pipeline.batch_size) or measure_compute(backend, [cfg.pipeline.batch_size], prepare=False)[cfg.pipeline.batch_size]
         workers, why = choose_workers(dec["img_per_s"], rate, cores, cpu_backend=backend.name == "cpu",
                                       threads_measured=getattr(backend, "threads", 0))
         report["workers"] = {"value": workers, "reason": why, "decode_img_per_s_per_worker": dec["img_per_s"],
@@ -160,5 +160,5 @@ def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
         if backend.name == "cpu":  # its torch threads follow the worker count: build it again
             backend.close()
             backend = create_backend(cfg)
-            backend.prepare(cfg.batch_size)
+            backend.prepare(cfg.pipeline.batch_size)
     return cfg, backend, report

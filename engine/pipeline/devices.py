@@ -150,15 +150,15 @@ class DeviceGroup(Backend):
     """Several devices, one process each, as one backend: see NOTE [Device processes]."""
 
     def __init__(self, config: RunConfig):
-        ids = parse_devices(config.devices)
+        ids = parse_devices(config.backend.devices)
         if config.preprocess.decode == "device" and (ids is None or len(ids) > 1):
             raise BackendError("--decode device with several --devices is not supported yet: the GPU decoder "
                                "runs inside one backend; use --decode exact or fast with --devices, or one device")
-        self._devices_text = config.devices
+        self._devices_text = config.backend.devices
         self.base = config.replace(devices="")
         super().__init__(self.base)
-        self.name = config.backend
-        self.per_device = config.inflight
+        self.name = config.backend.name
+        self.per_device = config.pipeline.inflight
         self.devices: List[_Device] = []
         self._cond = threading.Condition()
         self._next = 0
@@ -192,15 +192,15 @@ class DeviceGroup(Backend):
                 "workers leave)")
 
     def _check_cpu(self, n: int) -> None:
-        spare = usable_cores() - self.base.workers
-        if not self.base.threads and spare < n:
+        spare = usable_cores() - self.base.pipeline.workers
+        if not self.base.backend.threads and spare < n:
             print(f"warning: --devices: {n} cpu device processes share {max(spare, 0)} core(s) the workers leave "
                   "(one thread each)", file=sys.stderr)
 
     def _device_config(self, did: int, n_hint: int) -> RunConfig:
         cfg = self.base.replace(device=did, devices="")
-        if cfg.backend == "cpu" or (cfg.backend == "auto" and self.name == "cpu"):
-            threads = cfg.threads or max(1, (usable_cores() - cfg.workers) // max(1, n_hint))
+        if cfg.backend.name == "cpu" or (cfg.backend.name == "auto" and self.name == "cpu"):
+            threads = cfg.backend.threads or max(1, (usable_cores() - cfg.pipeline.workers) // max(1, n_hint))
             cfg = cfg.replace(threads=threads)
         return cfg
 
@@ -348,7 +348,7 @@ class DeviceGroup(Backend):
         """Prepare the model on every device, one after another: the first compiles (into the
         compile cache where the backend has one), the others load what it saved."""
         self.batch_size = batch_size
-        classes = self.config.num_classes
+        classes = self.config.data.num_classes
         for dev in self._alive():
             _, static, info = self._request(dev, ("prepare", batch_size), "prepared")
             self.static_shape = static

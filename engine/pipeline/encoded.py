@@ -138,8 +138,8 @@ def device_decode_source(pool: WorkerPool, ring: Ring, backend, cfg, pad_to: int
         raise BackendError(f"--decode device: the {backend.name} backend was not prepared for it")
     ring.control[CTRL_KINDS] = sum(KIND_BITS[k] for k in stage.decoder.kinds)
     ring.control[CTRL_MAX_PIXELS] = DEVICE_MAX_PIXELS
-    share = None if cfg.host_decode_share < 0 else cfg.host_decode_share
-    tuner = HostShareTuner(cfg.workers, share)
+    share = None if cfg.device_decode.host_decode_share < 0 else cfg.device_decode.host_decode_share
+    tuner = HostShareTuner(cfg.pipeline.workers, share)
     ring.control[CTRL_HOST_SHARE] = tuner.share
     if stage.meter is not None:
         stage.meter.tuner = tuner

@@ -47,12 +47,12 @@ class Session:
     """A run's resources: see the module's docstring.
 
     `cfg`: the run's configuration (`batch_size`/`workers` 0: auto, resolved in `open()`).
-    `dataset`: an index to use instead of building one from `cfg.data`.
+    `dataset`: an index to use instead of building one from `cfg.data.path`.
     `device`: False for a decode-only session (make-cache): no backend, no model.
     `backend`: a backend object to use instead of creating one (benchmarks, tests).
     `handle_signals`: install the stop handlers while a run is going (commands only).
     `ring_slots`: ring slots instead of the configuration's (make-cache sizes it for its workers).
-    `cache_write`: False to only read the pixel cache (`cfg.pixel_cache`), never store into it.
+    `cache_write`: False to only read the pixel cache (`cfg.pipeline.pixel_cache`), never store into it.
     `loop_kind`: "auto" (uvloop where installed), "uvloop" or "asyncio".
     """
 
@@ -110,7 +110,7 @@ class Session:
 
         cfg = self.cfg
         if self.dataset is None:
-            self.dataset = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
+            self.dataset = build_dataset(cfg.data.path, cfg.data.labels, cfg.data.limit, cfg.data.num_classes)
         self.cache, writable = open_pixel_cache(cfg, self.dataset, self.log)
         self.cache_write = self.cache_write and writable
         self.loop = new_event_loop(self.loop_kind)
@@ -119,7 +119,7 @@ class Session:
                 self.backend = create_backend(cfg)
                 check_backend(cfg, self.backend)  # --decode device: before the model loads
                 self.cfg = cfg = cfg.replace(backend=self.backend.name)
-                if cfg.workers == 0 or cfg.batch_size == 0:  # --workers auto, --batch-size auto
+                if cfg.pipeline.workers == 0 or cfg.pipeline.batch_size == 0:  # --workers auto, --batch-size auto
                     from engine.pipeline.autotune import autotune
 
                     auto_reason = self.backend.auto_reason
@@ -128,16 +128,16 @@ class Session:
                     self.backend.auto_reason = auto_reason
                     cfg = self.cfg
                 else:
-                    self.backend.prepare(cfg.batch_size)
+                    self.backend.prepare(cfg.pipeline.batch_size)
             elif not self.backend.batch_size:
-                self.backend.prepare(cfg.batch_size)
+                self.backend.prepare(cfg.pipeline.batch_size)
         self.ring = make_ring(cfg, slots=self.ring_slots)  # with a byte arena for --decode device
         if self.backend is not None:
             self.backend.register_ring(self.ring)
             if self.cache is not None:
                 self.backend.register_pixel_cache(self.cache)
-        self.pool = WorkerPool(self.ring, self.dataset, cfg.preprocess, cfg.workers,
-                               image_timeout=cfg.image_timeout, max_image_pixels=cfg.max_image_pixels)
+        self.pool = WorkerPool(self.ring, self.dataset, cfg.preprocess, cfg.pipeline.workers,
+                               image_timeout=cfg.pipeline.image_timeout, max_image_pixels=cfg.pipeline.max_image_pixels)
         self.source = self._make_source()
 
     def _make_source(self):
@@ -152,7 +152,7 @@ class Session:
     @property
     def pad_to(self) -> int:
         """Rows every batch is padded to: the batch size for a static-shape backend, else 0."""
-        return self.cfg.batch_size if self.backend is not None and self.backend.static_shape else 0
+        return self.cfg.pipeline.batch_size if self.backend is not None and self.backend.static_shape else 0
 
     # -- running -----------------------------------------------------------------------------
     async def _start(self, lo: int, hi: int) -> None:
@@ -174,7 +174,7 @@ class Session:
         """Latencies (s) of the model alone on a batch already on the device (an empty list when a
         signal stopped it). Runs in an executor thread, so the stop signals work meanwhile."""
 
-        batch = batch_size or self.cfg.batch_size
+        batch = batch_size or self.cfg.pipeline.batch_size
 
         async def body():
             loop = asyncio.get_running_loop()
@@ -193,7 +193,7 @@ class Session:
         `finish` (a driver that runs several ranges, like run-score's parts, awaits `finish()` once)."""
         stats = stats if stats is not None else PipelineStats()
         await self._start(lo, hi)
-        await run_pipeline(self.source, self.backend, hi, self.cfg.batch_size, self._inflight(), reduce,
+        await run_pipeline(self.source, self.backend, hi, self.cfg.pipeline.batch_size, self._inflight(), reduce,
                            progress, start=lo, stats=stats)
         return stats
 
@@ -250,7 +250,7 @@ class Session:
 
     def _inflight(self) -> int:
         """Batches on the device(s) at once: `--inflight` per device."""
-        return self.cfg.inflight * max(1, self.backend.device_count if self.backend is not None else 1)
+        return self.cfg.pipeline.inflight * max(1, self.backend.device_count if self.backend is not None else 1)
 
     def until_done(self, coro):
         """Run `coro` on the session's loop and return its result; with signal handling, a first
@@ -290,7 +290,7 @@ class Session:
         if self.backend_info is not None:
             return self.backend_info
         if self.backend is None:
-            return {"backend": self.cfg.backend}
+            return {"backend": self.cfg.backend.name}
         info = self.backend.describe()
         if self.backend.auto_reason:
             info["auto"] = self.backend.auto_reason
@@ -348,13 +348,13 @@ def _stop_opening(signum, frame) -> None:
 
 
 def make_ring(cfg: RunConfig, batch_size: int = 0, slots: int = 0):
-    """The run's ring: `cfg.slots` slots of the batch size; with a byte arena of `--decode-arena-kib`
+    """The run's ring: `cfg.pipeline.slots` slots of the batch size; with a byte arena of `--decode-arena-kib`
     per image for `--decode device`."""
     from engine.pipeline.ring import Ring
 
-    batch = batch_size or cfg.batch_size
-    arena = cfg.decode_arena_kib * 1024 * batch if cfg.preprocess.decode == "device" else 0
-    return Ring(slots or cfg.slots, batch, cfg.preprocess.shape, arena=arena)
+    batch = batch_size or cfg.pipeline.batch_size
+    arena = cfg.device_decode.arena_kib * 1024 * batch if cfg.preprocess.decode == "device" else 0
+    return Ring(slots or cfg.pipeline.slots, batch, cfg.preprocess.shape, arena=arena)
 
 
 def check_backend(cfg: RunConfig, backend) -> None:
@@ -381,7 +381,7 @@ def make_source(pool, ring, backend, cfg: RunConfig, pad_to: int = 0):
 
 def create_backend(cfg: RunConfig):
     """The run's backend: the device processes of `--devices`, else one backend in this process."""
-    if cfg.devices:
+    if cfg.backend.devices:
         from engine.pipeline.devices import DeviceGroup
 
         return DeviceGroup(cfg)
@@ -394,11 +394,11 @@ def open_pixel_cache(cfg: RunConfig, ds: Dataset, log=None):
     """The `--pixel-cache` of a run, or (None, False); else (cache, write). The cache opens
     read-only (`write` False, one line says why) when another run holds its write lock or the
     images it lacks do not fit on its disk: the run then reads what is there and decodes the rest."""
-    if not cfg.pixel_cache:
+    if not cfg.pipeline.pixel_cache:
         return None, False
     from engine.pipeline.pixelcache import PixelCache
 
-    cache = PixelCache.open(cfg.pixel_cache, ds, cfg.preprocess, cfg.max_image_pixels, verify=cfg.cache_verify,
+    cache = PixelCache.open(cfg.pipeline.pixel_cache, ds, cfg.preprocess, cfg.pipeline.max_image_pixels, verify=cfg.pipeline.cache_verify,
                             write=True)
     if cache.note:
         print(f"warning: {cache.note}", file=log if log is not None else sys.stderr)

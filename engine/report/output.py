@@ -65,13 +65,13 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
     cfg, tp, st, be = report["config"], report["throughput"], report["stages"], report["backend"]
     spec = cfg["preprocess"]
     if be.get("source") == "torchscript":
-        weights = f"TorchScript, preprocessing of {be.get('preset', cfg['model'])}"
+        weights = f"TorchScript, preprocessing of {be.get('preset', cfg['model']['name'])}"
     else:
         weights = be.get("weights") or be.get("source", "?")
     lines = []
     title = "PARTIAL " if report.get("partial") else ""
-    lines.append(f"{title}ImageNet evaluation: {report.get('model') or cfg['model']} ({weights}) on {be.get('backend')}"
-                 f" [{be.get('device', '')}], batch {cfg['batch_size']}, {cfg['workers']} worker(s), "
+    lines.append(f"{title}ImageNet evaluation: {report.get('model') or cfg['model']['name']} ({weights}) on {be.get('backend')}"
+                 f" [{be.get('device', '')}], batch {cfg['pipeline']['batch_size']}, {cfg['pipeline']['workers']} worker(s), "
                  f"{spec['decode']} decode, resize {spec['resize']} crop {spec['crop']} {spec['interpolation']}")
     total = report["images"] + report["failed"]
     lines.append(f"  images        {report['images']:,} scored, {report['failed']:,} failed"
@@ -79,7 +79,7 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
     lines.append(f"  top-1         {report['top1']:.3f} %  ({report['correct_top1']:,} / {report['images']:,})")
     lines.append(f"  top-5         {report['top5']:.3f} %  ({report['correct_top5']:,} / {report['images']:,})")
     lines.append(f"  end to end    {_fmt_rate(tp['end_to_end'])}  ({total:,} images in {st['wall_s']:.2f} s)")
-    lines.append(f"  compute only  {_fmt_rate(tp['compute_only'])}  (batch {cfg['batch_size']}, input on the device,"
+    lines.append(f"  compute only  {_fmt_rate(tp['compute_only'])}  (batch {cfg['pipeline']['batch_size']}, input on the device,"
                  f" {tp.get('compute_only_iterations', 0)} calls)")
     if tp.get("ratio"):
         lines.append(f"  ratio         {tp['ratio']:.3f}  (end to end / compute only)")

@@ -62,17 +62,17 @@ def _json_roundtrip(d: Dict) -> Dict:
 
 def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest, labelled: bool = False) -> Dict:
     """run.json: the fingerprint (FINGERPRINT_KEYS) plus what is useful to know about the run."""
-    weights_sha = file_sha256(cfg.weights) if cfg.weights and os.path.isfile(cfg.weights) else None
-    ts_sha = file_sha256(cfg.ts) if cfg.ts and os.path.isfile(cfg.ts) else None
+    weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights and os.path.isfile(cfg.model.weights) else None
+    ts_sha = file_sha256(cfg.model.ts) if cfg.model.ts and os.path.isfile(cfg.model.ts) else None
     meta = {
         "manifest_sha256": manifest.sha256, "manifest_images": len(manifest), "part_size": opts.part_size,
-        "format": opts.fmt, "topk": min(opts.topk, cfg.num_classes), "model": cfg.model,
-        "weights_sha256": weights_sha, "ts_sha256": ts_sha, "backend": cfg.backend,
-        "precision": cfg.precision, "num_classes": cfg.num_classes,
+        "format": opts.fmt, "topk": min(opts.topk, cfg.data.num_classes), "model": cfg.model.name,
+        "weights_sha256": weights_sha, "ts_sha256": ts_sha, "backend": cfg.backend.name,
+        "precision": cfg.backend.precision, "num_classes": cfg.data.num_classes,
         "preprocessing": dataclasses.asdict(cfg.preprocess),
-        "max_image_pixels": getattr(cfg, "max_image_pixels", None),  # which huge images fail
+        "max_image_pixels": cfg.pipeline.max_image_pixels,  # which huge images fail
         # not compared on resume:
-        "engine": "imagenet-engine", "engine_version": __version__, "weights": cfg.weights, "ts": cfg.ts,
+        "engine": "imagenet-engine", "engine_version": __version__, "weights": cfg.model.weights, "ts": cfg.model.ts,
         "data_root": manifest.root, "parts": manifest.num_parts(opts.part_size),
         "columns": ["id", "path", "topk_index", "topk_prob", "top1_wnid", "top1_name", "error"]
         + (["label"] if labelled else []),
@@ -178,8 +178,8 @@ def open_job(cfg: RunConfig, opts: ScoreOptions, environ: Mapping[str, str] = os
     """Freeze the manifest, open (or check) OUT, pick this shard's parts and the pending ones."""
     from engine.scoring.summary import manifest_labels
 
-    manifest = build_manifest(cfg.data, cfg.limit)
-    labels = manifest_labels(cfg.data, manifest)
+    manifest = build_manifest(cfg.data.path, cfg.data.limit)
+    labels = manifest_labels(cfg.data.path, manifest)
     out, meta = open_output(cfg, opts, manifest, labels is not None)
     if "label" not in meta["columns"]:
         labels = None
@@ -344,9 +344,9 @@ class PartScorer:
         from engine.pipeline.session import Session
 
         self.manifest, self.out, self.meta, self.labels = manifest, out, meta, labels
-        self.k, self.part_size = min(topk, cfg.num_classes), part_size
+        self.k, self.part_size = min(topk, cfg.data.num_classes), part_size
         self.session = Session(cfg, manifest.dataset())
-        classes = imagenet_classes() if cfg.num_classes == 1000 else None
+        classes = imagenet_classes() if cfg.data.num_classes == 1000 else None
         parquet_meta = {
             "model": meta["model"], "weights_sha256": meta.get("weights_sha256") or "",
             "preprocessing": meta["preprocessing"], "engine_version": __version__,
@@ -364,7 +364,7 @@ class PartScorer:
         s = self.session.open()
         # one model call on a resident batch, so the first parts do not pay the device's warm-up
         # (lazy initialisation, cuDNN autotuning); run-eval gets the same from its compute-only run
-        s.backend.compute_only(s.cfg.batch_size, 1, warmup=0)
+        s.backend.compute_only(s.cfg.pipeline.batch_size, 1, warmup=0)
         if s.cache is None:
             s.start()  # the workers; fed by the pixel cache, they start only if something must be decoded
 
@@ -436,7 +436,7 @@ def score_local(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
     scorer = PartScorer(job.cfg, job.manifest, job.out, job.meta, job.opts.topk, job.opts.part_size, job.labels)
     try:
         scorer.open()
-        progress = Progress(job.pending_images(), job.cfg.progress)
+        progress = Progress(job.pending_images(), job.cfg.pipeline.progress)
         stats = scorer.score(job.pending, progress, handle_signals=True)
         progress.close()
         info, stop = scorer.describe(), scorer.stop_signal

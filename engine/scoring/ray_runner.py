@@ -52,7 +52,7 @@ class ScoreActor:
         if "label" in meta.get("columns", []):  # the rows' label column, as the driver's job has it
             from engine.scoring.summary import manifest_labels
 
-            labels = manifest_labels(cfg.data, manifest)
+            labels = manifest_labels(cfg.data.path, manifest)
         self.scorer = PartScorer(cfg, manifest, self.out, meta, topk, part_size, labels)
         self.scorer.open()
 
@@ -102,22 +102,22 @@ def _package_root() -> str:
 
 def actor_resources(cfg: RunConfig) -> Dict:
     """map_batches resources of one actor: its accelerator, and a CPU per decode worker plus its own."""
-    res: Dict = {"num_cpus": cfg.workers + 1}
-    if cfg.backend == "cuda":
+    res: Dict = {"num_cpus": cfg.pipeline.workers + 1}
+    if cfg.backend.name == "cuda":
         res["num_gpus"] = 1
-    elif cfg.backend in ("npu", "aie"):
+    elif cfg.backend.name in ("npu", "aie"):
         res["resources"] = {"NPU": 1}
     return res
 
 
 def default_actors(ray, cfg: RunConfig) -> int:
     cluster = ray.cluster_resources()
-    key = {"cuda": "GPU", "npu": "NPU", "aie": "NPU"}.get(cfg.backend)
+    key = {"cuda": "GPU", "npu": "NPU", "aie": "NPU"}.get(cfg.backend.name)
     if key is None:
         return 1
     n = int(cluster.get(key, 0))
     if n < 1:
-        raise ConfigError(f"--backend {cfg.backend} on Ray: the cluster has no {key} resources "
+        raise ConfigError(f"--backend {cfg.backend.name} on Ray: the cluster has no {key} resources "
                           f"({', '.join(sorted(cluster)) or 'none'}); start the nodes with them, or give --ray-actors")
     return n
 
@@ -145,14 +145,14 @@ def score_ray(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
     from engine.report.output import Progress
 
     cfg, opts = job.cfg, job.opts
-    if cfg.backend == "auto":
+    if cfg.backend.name == "auto":
         raise ConfigError("--ray needs an explicit --backend (cuda, npu, aie, cpu or sim): the driver may not "
                           "see the accelerators of the actors")
     ray = _import_ray()
     env = {"PYTHONPATH": os.pathsep.join(p for p in (_package_root(), os.environ.get("PYTHONPATH")) if p)}
     init: Dict = {"runtime_env": {"env_vars": env}, "logging_level": "WARNING", "include_dashboard": False}
     if opts.ray == "local":
-        want = (opts.ray_actors or 1) * (cfg.workers + 1) + 1
+        want = (opts.ray_actors or 1) * (cfg.pipeline.workers + 1) + 1
         init["num_cpus"] = max(os.cpu_count() or 1, want)
     elif opts.ray != "auto":
         init["address"] = opts.ray
@@ -174,7 +174,7 @@ def score_ray(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         actors = opts.ray_actors or default_actors(ray, cfg)
-        if cfg.progress:
+        if cfg.pipeline.progress:
             print(f"run-score: Ray ({opts.ray}): {actors} actor(s), {len(job.pending)} part(s)", file=sys.stderr)
         pending = list(job.pending)
         ds = ray.data.from_items([{"part": p} for p in pending], override_num_blocks=len(pending))
@@ -186,7 +186,7 @@ def score_ray(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             **actor_resources(cfg))
-        progress = Progress(job.pending_images(), cfg.progress)
+        progress = Progress(job.pending_images(), cfg.pipeline.progress)
         done = 0
         for row in scored.iter_rows():
             part = int(row["part"])
@@ -210,5 +210,5 @@ def score_ray(job: Job) -> Tuple[ScoreStats, Dict, Optional[int]]:
         if opts.ray == "local":
             _reap_local_actors(pids)
     job.out.remove_stale(job.parts)  # tmp files of actors that died while writing
-    info = {"backend": cfg.backend, "ray": opts.ray, "actors": opts.ray_actors or None}
+    info = {"backend": cfg.backend.name, "ray": opts.ray, "actors": opts.ray_actors or None}
     return stats, info, stopped

@@ -61,26 +61,26 @@ def format_summary(s: Dict) -> str:
 
 def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str, str] = os.environ
               ) -> Tuple[Dict, int]:
-    """Score `cfg.data` into `opts.out`; prints the summary; returns (summary, exit status)."""
+    """Score `cfg.data.path` into `opts.out`; prints the summary; returns (summary, exit status)."""
     out = out or sys.stdout
     t0 = time.monotonic()
-    if opts.ray is not None and cfg.devices:
+    if opts.ray is not None and cfg.backend.devices:
         from engine.config import ConfigError
 
         raise ConfigError("--devices with --ray: Ray places its actors on the devices itself (one per GPU/NPU, "
                           "--ray-actors); drop --devices")
-    if opts.ray is None and cfg.backend == "auto" and not cfg.devices:  # --devices: a device process picks
+    if opts.ray is None and cfg.backend.name == "auto" and not cfg.backend.devices:  # --devices: a device process picks
         from engine.backends import resolve_auto
 
         cfg = cfg.replace(backend=resolve_auto())
     job = open_job(cfg, opts, environ)
     i, n = job.shard
-    if cfg.progress:
+    if cfg.pipeline.progress:
         print(f"run-score: {len(job.manifest):,} images, {job.out.num_parts:,} parts; shard {i}/{n} "
               f"({job.shard_source}): {_span(job.parts)}, {len(job.done_before):,} done, "
               f"{len(job.pending):,} to score ({job.pending_images():,} images)", file=sys.stderr)
     stopped = None
-    backend_info: Dict = {"backend": cfg.backend}
+    backend_info: Dict = {"backend": cfg.backend.name}
     if not job.pending:
         stats = ScoreStats()
     elif opts.ray is not None:
@@ -94,7 +94,7 @@ def run_score(cfg: RunConfig, opts: ScoreOptions, out=None, environ: Mapping[str
                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     shard_records = job.out.done_records(job.parts)
     summary = {
-        "out": job.out.path, "model": cfg.ts or cfg.model, "backend": backend_info.get("backend", cfg.backend),
+        "out": job.out.path, "model": cfg.model.ts or cfg.model.name, "backend": backend_info.get("backend", cfg.backend.name),
         "backend_info": backend_info, "topk": job.meta["topk"], "format": opts.fmt,
         "manifest_images": len(job.manifest), "manifest_sha256": job.manifest.sha256,
         "part_size": opts.part_size, "parts_total": job.out.num_parts, "shard": f"{i}/{n}",
