@@ -244,6 +244,32 @@ def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
         progress=not a.no_progress, preset=a.preset)
 
 
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    """run-eval's label-set and per-image options (docs/usage.md#label-sets)."""
+    from engine.report.labelsets import CLASS_SUBSETS, REAL_PACKAGED
+
+    g = p.add_argument_group("label sets and per-image results (docs/usage.md#label-sets)")
+    g.add_argument("--real-labels", nargs="?", const=REAL_PACKAGED, default=None, metavar="FILE",
+                   help="also count ReaL top-1/top-5 (the reassessed labels of ImageNet val, found by the "
+                        "ILSVRC2012_val_%%08d file names); without FILE: the real.json shipped in the package")
+    g.add_argument("--class-subset", choices=CLASS_SUBSETS, default="auto",
+                   help="which model outputs may win top-k: auto restricts to ImageNet-A's or -R's 200 classes "
+                        "when the class folders are exactly one of those lists, else all; present: the classes of "
+                        "the run's images; none: all (default: %(default)s)")
+    g.add_argument("--class-map", metavar="FILE",
+                   help="lines 'FOLDER CLASS' (a class index or an ImageNet wnid): the label of each class folder "
+                        "(flat layout: of each label-file index)")
+    g.add_argument("--per-image", metavar="PATH",
+                   help="write one row per image (id, path, label, top-5, correct@1, correct@5) to PATH.parquet or "
+                        "PATH.csv, for bin/compare-runs")
+
+
+def label_options(a: argparse.Namespace) -> dict:
+    """The RunConfig fields of add_label_args."""
+    return dict(real_labels=a.real_labels, class_subset=a.class_subset, class_map=a.class_map,
+                per_image=a.per_image)
+
+
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run-eval", allow_abbrev=False,
@@ -254,6 +280,7 @@ def eval_parser() -> argparse.ArgumentParser:
     add_preprocess_args(p)
     add_pipeline_args(p, allow_auto=True)
     add_pixel_cache_args(p)
+    add_label_args(p)
     p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "
@@ -285,7 +312,7 @@ def run_eval_main(argv: Optional[List[str]] = None) -> int:
         p.error("--data is required")
     _never_fail_on_file_names(sys.stdout)
     try:
-        cfg = config_from_args(a, json_path=a.json, trace_path=a.trace)
+        cfg = config_from_args(a, json_path=a.json, trace_path=a.trace, **label_options(a))
         _, status = run_eval(cfg)
         return status
     except (ConfigError, DatasetError) as e:

@@ -301,6 +301,11 @@ class RunConfig:
     decode_arena_kib: int = 256  # compressed bytes per image in a ring slot's arena
     jpeg_decoder: str = "torchvision"  # the device decoder behind gpudecode.JpegDecoder
     device_resize: str = "pil"  # pil: Pillow's fixed-point arithmetic on tensors; tensor: torchvision's float resize
+    # label sets and per-image rows (engine/report/labelsets.py, engine/report/analysis.py)
+    real_labels: Optional[str] = None  # --real-labels: a real.json (labelsets.REAL_PACKAGED: the shipped copy)
+    class_subset: str = "auto"  # --class-subset auto|present|none: which outputs may win top-k
+    class_map: Optional[str] = None  # --class-map FILE: 'FOLDER CLASS' lines
+    per_image: Optional[str] = None  # --per-image PATH: one row per image (.parquet or .csv)
 
     def __post_init__(self):
         if self.batch_size < 0:

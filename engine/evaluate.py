@@ -22,6 +22,7 @@ from engine.backends.base import Backend
 from engine.config import RunConfig, format_preprocessing_check, preprocessing_check
 from engine.pipeline.dataset import Dataset, build_dataset
 from engine.pipeline.autotune import autotune
+from engine.report.analysis import Analysis
 from engine.report.metrics import Metrics
 from engine.pipeline.pool import WorkerPool
 from engine.procs import usable_cores
@@ -209,12 +210,17 @@ async def _evaluate(cfg: RunConfig, ds: Dataset, backend: Backend, ring: Ring, m
         state["compute"] = await loop.run_in_executor(
             None, measure_compute_only, backend, cfg.batch_size, cfg.compute_only_iters)
 
+        analysis = state["analysis"]  # label set, statistics, per-image rows (engine/report/analysis.py)
+
         def reduce(r: BatchResult) -> None:
             for row, reason in r.failures:
                 i = int(r.indices[row])
                 metrics.fail(i, ds.paths[i], reason)
+                analysis.fail(i, reason)
             if r.ok.any():
-                metrics.update(r.logits[r.ok], r.labels[r.ok])
+                logits = analysis.restrict(r.logits[r.ok])  # --class-subset: -inf outside the subset
+                metrics.update(logits, r.labels[r.ok])
+                analysis.update(logits, r.labels[r.ok], r.indices[r.ok])
 
         progress = Progress(len(ds), cfg.progress)
         state["stats"] = PipelineStats()
@@ -270,8 +276,9 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     """Run the evaluation; prints the table, writes `--json`; returns (report, exit status)."""
     out = out or sys.stdout
     ds = build_dataset(cfg.data, cfg.labels, cfg.limit, cfg.num_classes)
+    ds, analysis = Analysis.open(cfg, ds)  # --class-map relabels; --class-subset, --real-labels, --per-image
     metrics = Metrics(cfg.num_classes)
-    state: Dict = {"stats": None, "compute": None, "pool": None}
+    state: Dict = {"stats": None, "compute": None, "pool": None, "analysis": analysis}
     ring = None
     backend = None
     state["cache"], state["cache_write"] = open_pixel_cache(cfg, ds)
@@ -318,6 +325,7 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
     stats = state["stats"] or PipelineStats(wall_s=time.monotonic() - t0)
     report = build_report(cfg, ds, metrics, backend_info, stats, state["compute"], state["pool"],
                           loop_name(loop), partial=stopped is not None, tuning=state.get("autotune"))
+    report.update(analysis.report(metrics, cfg))  # statistics, label_set, real, published
     if state.get("pixel_cache") is not None:
         report["pixel_cache"] = state["pixel_cache"]
         with_pixel_cache(report["profile"], report["pixel_cache"])  # the verdict knows what fed the run
@@ -329,6 +337,8 @@ def run_eval(cfg: RunConfig, out=None) -> Tuple[Dict, int]:
         print(line, file=out)
     if cfg.json_path:
         write_json(cfg.json_path, report)
+    if cfg.per_image:
+        analysis.write_per_image(cfg, report)
     if cfg.trace_path:
         keep = ("throughput", "profile", "decode_mode", "autotune", "images", "failed", "backend")
         write_trace(cfg.trace_path, stats.batches, state["pool"].spans if state["pool"] else [],
