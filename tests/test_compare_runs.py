@@ -117,6 +117,9 @@ def test_compare_equals_a_direct_count(two_runs):
     assert rep["mcnemar"]["p_value"] == pytest.approx(scipy_stats.binomtest(b_only, b_only + a_only, 0.5).pvalue,
                                                       rel=1e-9)
     assert len(rep["changed"]["right_in_b_only"]) == b_only
+    top_a = np.array([t[0] for t in cols["topk_index"]])
+    top_b = np.array([json.loads(r["topk_index"])[0] for r in rows])
+    assert rep["top1_agreement"]["images"] == int((top_a == top_b).sum()) < N
     paths = np.array(cols["path"])
     assert sorted(paths[ca & ~cb].tolist()) == rep["changed"]["right_in_a_only"]
     labels = np.array(cols["label"])

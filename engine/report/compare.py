@@ -119,6 +119,7 @@ def compare(a: Rows, b: Rows, top_classes: int = TOP_CLASSES) -> Dict:
     b_only, a_only = ~ca & cb, ca & ~cb
     nb, na = int(b_only.sum()), int(a_only.sum())
     log_p = binom_log_p_two_sided(nb, nb + na)
+    agree = int((t5a[:, 0] == t5b[:, 0]).sum())
     paths = np.array(a.paths, dtype=object)[both]
 
     def run(r: Rows, c1: np.ndarray, c5: np.ndarray) -> Dict:
@@ -142,6 +143,8 @@ def compare(a: Rows, b: Rows, top_classes: int = TOP_CLASSES) -> Dict:
         "difference_top1": paired_difference(nb, na, n),  # B - A, points
         "difference_top5": paired_difference(int((~c5a & c5b).sum()), int((c5a & ~c5b).sum()), n),
         "right_in_b_only": nb, "right_in_a_only": na,
+        # the same top-1 in both runs, right or wrong: meaningful even where the labels are not
+        "top1_agreement": {"images": int(agree), "percent": 100.0 * agree / n},
         "mcnemar": {"test": "McNemar exact (two-sided binomial on the discordant images)",
                     "p_value": math.exp(log_p), "log10_p_value": log_p / math.log(10.0)},
         "changed": {"right_in_b_only": sorted(paths[b_only].tolist()),
@@ -181,6 +184,8 @@ def format_compare(rep: Dict) -> str:
                  f"top-5 {rep['difference_top5']['points']:+.3f}")
     lines.append(f"  changed      {rep['right_in_b_only']:,} images right in B only, {rep['right_in_a_only']:,} right in "
                  f"A only; McNemar exact p = {_p_text(rep['mcnemar'])}")
+    ag = rep["top1_agreement"]
+    lines.append(f"  agreement    the same top-1 in both on {ag['percent']:.3f} % of the images ({ag['images']:,})")
     if rep["classes_moved"]:
         shown = ", ".join(f"{c['name']} {c['change']:+d}/{c['images']}" for c in rep["classes_moved"][:5])
         lines.append(f"  classes      moved most (B - A, of images): {shown}")

@@ -115,15 +115,16 @@ def _parquet(idx, paths, sizes, label, topk, prob, ok, c1, c5, errors, meta):
     import pyarrow.parquet as pq
 
     n, k = topk.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    # a failed image's list is null and empty (older pyarrow refuses a null list with a length)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.where(ok, k, 0))]).astype(np.int32))
     failed = pa.array(~ok)
     table = pa.table({
         "id": pa.array(idx.astype(np.int64)),
         "path": pa.array(paths, type=pa.string()),
         "size": pa.array(sizes),
         "label": pa.array(label),
-        "topk_index": pa.ListArray.from_arrays(offsets, pa.array(topk.reshape(-1)), mask=failed),
-        "topk_prob": pa.ListArray.from_arrays(offsets, pa.array(prob.reshape(-1)), mask=failed),
+        "topk_index": pa.ListArray.from_arrays(offsets, pa.array(topk[ok].reshape(-1)), mask=failed),
+        "topk_prob": pa.ListArray.from_arrays(offsets, pa.array(prob[ok].reshape(-1)), mask=failed),
         "correct_top1": pa.array(c1, mask=~ok),
         "correct_top5": pa.array(c5, mask=~ok),
         "error": pa.array(errors, type=pa.string()),
