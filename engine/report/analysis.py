@@ -122,9 +122,7 @@ def format_analysis(report: Dict) -> List[str]:
     parts = []
     ls = report.get("label_set") or {}
     if ls.get("name") not in (None, "imagenet", "other") or ls.get("note"):
-        parts.append(ls.get("description") or ls["name"])
-        if ls.get("note"):
-            parts.append(ls["note"])
+        parts.append((ls.get("description") or ls["name"]) + (f": {ls['note']}" if ls.get("note") else ""))
     real = report.get("real")
     if real:
         parts.append(f"ReaL top-1 {real['accuracy']:.3f} % ({real['correct']:,} / {real['images']:,} with ReaL labels)"

@@ -117,8 +117,7 @@ def class_mask(mode: str, label_set: str, ds: Dataset, num_classes: int) -> Tupl
         table = wnid_to_index()
         mask = np.zeros(num_classes, bool)
         mask[[table[w] for w in subset_wnids(label_set)]] = True
-        return mask, (f"logits restricted to {label_set}'s 200 classes (--class-subset auto; "
-                      "--class-subset none scores all 1,000)")
+        return mask, "logits restricted to its 200 classes (--class-subset none: all 1,000)"
     return None, ""
 
 
