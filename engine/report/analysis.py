@@ -20,8 +20,7 @@ import numpy as np
 
 from engine.pipeline.dataset import Dataset
 from engine.report import labelsets
-from engine.report.metrics import topk_indices
-from engine.report.stats import RunStats, format_interval, log_softmax
+from engine.report.stats import RunStats, format_interval, logsumexp_rows, top5
 
 
 class Analysis:
@@ -64,13 +63,18 @@ class Analysis:
         if len(labels) == 0:
             return
         labels = np.asarray(labels, np.int64)
-        topk = topk_indices(np.asarray(logits), 5)
-        self.stats.update(logits, labels, topk[:, 0])
+        lse = logsumexp_rows(logits)
+        if self.real is None and self.rows is None:
+            top1 = np.argmax(logits, axis=1)  # the first of equal maxima: the counts' tie rule
+            self.stats.update(logits, labels, top1, lse)
+            return
+        topk = top5(logits)
+        self.stats.update(logits, labels, topk[:, 0], lse)
         if self.real is not None:
             self.real.update(topk, indices)
         if self.rows is not None:
-            lsm = log_softmax(logits)
-            prob = np.exp(np.take_along_axis(lsm, topk, axis=1)).astype(np.float32)
+            picked = np.take_along_axis(np.asarray(logits, np.float64), topk, axis=1)
+            prob = np.exp(picked - lse[:, None]).astype(np.float32)
             self.rows.update(np.asarray(indices), labels, topk, prob)
 
     def fail(self, index: int, reason: str) -> None:
