@@ -280,3 +280,19 @@ def test_published_for_reads_timm_tables():
     assert labelsets.published_for("resnext50_32x4d.a1h_in1k", "imagenet", 224)["top1"] == 81.140
     assert labelsets.published_for("no_such_model", "imagenet") is None
     assert labelsets.published_for("resnet50", "other") is None
+
+
+def test_flags_become_config_fields():
+    from engine.cli import config_from_args, eval_parser, label_options
+
+    p = eval_parser()
+    a = p.parse_args(["--data", "x", "--real-labels", "--class-subset", "present", "--class-map", "m.txt",
+                      "--per-image", "rows.csv", "--backend", "cpu"])
+    cfg = config_from_args(a, **label_options(a))
+    assert (cfg.real_labels, cfg.class_subset, cfg.class_map, cfg.per_image) == (
+        labelsets.REAL_PACKAGED, "present", "m.txt", "rows.csv")
+    a = p.parse_args(["--data", "x", "--real-labels", "mine.json", "--backend", "cpu"])
+    cfg = config_from_args(a, **label_options(a))
+    assert (cfg.real_labels, cfg.class_subset, cfg.class_map, cfg.per_image) == ("mine.json", "auto", None, None)
+    r = run_cli(["bin/run-eval", "--data", "x", "--class-subset", "some"])
+    assert r.returncode == 2 and "invalid choice: 'some'" in r.stderr
