@@ -206,7 +206,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.top_classes < 0:
+        p.error(f"--top-classes must not be negative, got {a.top_classes}")
     try:
         ra, rb = read_rows(a.a), read_rows(a.b)
         rep = compare(ra, rb, a.top_classes)
