@@ -188,6 +188,8 @@ def test_failed_images_are_rows_with_an_error_and_left_out(folder_set, tiny_ts, 
     a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.csv")
     ra, status = evaluate(str(data), tiny_ts, a, OWN)
     assert status == 1 and ra["failed"] == 1
+    # the statistics cover the 119 scored images only
+    assert sum(r["images"] for r in ra["statistics"]["reliability"]) == ra["images"] == 119
     assert evaluate(str(data), tiny_ts, b, SCRIPT)[1] == 1
     cols, _ = _read_parquet(a)
     bad = [i for i, e in enumerate(cols["error"]) if e]

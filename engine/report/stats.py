@@ -9,7 +9,7 @@ over the scored images only. Numpy and the standard library only: scipy is a tes
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
