@@ -262,6 +262,26 @@ def config_from_args_for_cache(a: argparse.Namespace) -> RunConfig:
     return config_from_args(a, backend="cpu", pixel_cache=pixel_cache_dir(a) or default_pixel_cache_dir())
 
 
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    """run-eval's label-set and per-image options (docs/usage.md#label-sets)."""
+    from engine.report.labelsets import CLASS_SUBSETS, REAL_PACKAGED
+
+    g = p.add_argument_group("label sets and per-image results (docs/usage.md#label-sets)")
+    g.add_argument("--real-labels", nargs="?", const=REAL_PACKAGED, default=default("real_labels"), metavar="FILE",
+                   help="also count ReaL top-1/top-5 (the reassessed labels of ImageNet val, found by the "
+                        "ILSVRC2012_val_%%08d file names); without FILE: the real.json shipped in the package")
+    g.add_argument("--class-subset", choices=CLASS_SUBSETS, default=default("class_subset"),
+                   help="which model outputs may win top-k: auto restricts to ImageNet-A's or -R's 200 classes "
+                        "when the class folders are exactly one of those lists, else all; present: the classes of "
+                        "the run's images; none: all (default: %(default)s)")
+    g.add_argument("--class-map", metavar="FILE",
+                   help="lines 'FOLDER CLASS' (a class index or an ImageNet wnid): the label of each class folder "
+                        "(flat layout: of each label-file index)")
+    g.add_argument("--per-image", metavar="PATH",
+                   help="write one row per image (id, path, label, top-5, correct@1, correct@5) to PATH.parquet or "
+                        "PATH.csv, for bin/compare-runs")
+
+
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run-eval", allow_abbrev=False,
@@ -272,6 +292,7 @@ def eval_parser() -> argparse.ArgumentParser:
     add_preprocess_args(p)
     add_pipeline_args(p, allow_auto=True)
     add_pixel_cache_args(p)
+    add_label_args(p)
     p.add_argument("--json", metavar="PATH", help="write the full report (every figure and the configuration)")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "

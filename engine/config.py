@@ -439,6 +439,21 @@ class DeviceDecodeOptions:
 
 
 @dataclass(frozen=True)
+class ReportOptions:
+    """What the report counts beside top-1/top-5, and per-image rows (engine/report/labelsets.py,
+    engine/report/analysis.py)."""
+
+    real_labels: Optional[str] = None  # --real-labels: a real.json (labelsets.REAL_PACKAGED: the shipped copy)
+    class_subset: str = "auto"  # --class-subset auto|present|none: which outputs may win top-k
+    class_map: Optional[str] = None  # --class-map FILE: 'FOLDER CLASS' lines
+    per_image: Optional[str] = None  # --per-image PATH: one row per image (.parquet or .csv)
+
+    def __post_init__(self):
+        if self.class_subset not in ("auto", "present", "none"):
+            raise ConfigError(f"--class-subset {self.class_subset!r} is not one of auto, present, none")
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """Where the report goes besides stdout: `--json`, `--trace`."""
 
@@ -467,9 +482,11 @@ FLAT_FIELDS: Dict[str, Tuple[str, ...]] = {
     "host_decode_share": ("device_decode", "host_decode_share"), "decode_arena_kib": ("device_decode", "arena_kib"),
     "jpeg_decoder": ("device_decode", "jpeg_decoder"), "device_resize": ("device_decode", "resize"),
     "json_path": ("output", "json_path"), "trace_path": ("output", "trace_path"),
+    "real_labels": ("report", "real_labels"), "class_subset": ("report", "class_subset"),
+    "class_map": ("report", "class_map"), "per_image": ("report", "per_image"),
 }
 _SECTIONS = {"data": DataOptions, "model": ModelOptions, "backend": BackendOptions, "pipeline": PipelineOptions,
-             "device_decode": DeviceDecodeOptions, "output": OutputOptions}
+             "device_decode": DeviceDecodeOptions, "report": ReportOptions, "output": OutputOptions}
 _SUB = {"aie": AieOptions, "sim": SimOptions, "cuda": CudaOptions}
 
 
@@ -493,6 +510,7 @@ class RunConfig:
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     preset: Optional[str] = None  # --preset NAME: the named preset the preprocessing started from
     device_decode: DeviceDecodeOptions = field(default_factory=DeviceDecodeOptions)
+    report: ReportOptions = field(default_factory=ReportOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def __post_init__(self):

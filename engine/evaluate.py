@@ -24,6 +24,7 @@ from engine.pipeline.pool import WorkerPool
 from engine.pipeline.scheduler import BatchResult, PipelineStats
 from engine.pipeline.session import Session, close_pixel_cache, measure_compute_only, open_pixel_cache  # noqa: F401
 from engine.procs import usable_cores
+from engine.report.analysis import Analysis
 from engine.report.metrics import Metrics
 from engine.report.output import Progress, environment, format_eval, write_json
 from engine.report.profile import breakdown, with_device_decode, with_pixel_cache
@@ -141,14 +142,18 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     """Run the evaluation; prints the table, writes `--json`; returns (report, exit status)."""
     out = out or sys.stdout
     ds = build_dataset(cfg.data.path, cfg.data.labels, cfg.data.limit, cfg.data.num_classes)
+    ds, analysis = Analysis.open(cfg, ds)  # --class-map relabels; --class-subset, --real-labels, --per-image
     metrics = Metrics(cfg.data.num_classes)
 
     def reduce(r: BatchResult) -> None:
         for row, reason in r.failures:
             i = int(r.indices[row])
             metrics.fail(i, ds.paths[i], reason)
+            analysis.fail(i, reason)
         if r.ok.any():
-            metrics.update(r.logits[r.ok], r.labels[r.ok])
+            logits = analysis.restrict(r.logits[r.ok])  # --class-subset: -inf outside the subset
+            metrics.update(logits, r.labels[r.ok])
+            analysis.update(logits, r.labels[r.ok], r.indices[r.ok])
 
     session = Session(cfg, ds, handle_signals=handle_signals)
     stats = PipelineStats()
@@ -177,6 +182,7 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     stopped = session.stopped
     report = build_report(cfg, ds, metrics, session.describe(), stats, compute, session.pool,
                           session.loop_name, partial=stopped is not None, tuning=session.autotune)
+    report.update(analysis.report(metrics, cfg))  # statistics, label_set, real, published
     if session.pixel_cache is not None:
         report["pixel_cache"] = session.pixel_cache
         with_pixel_cache(report["profile"], report["pixel_cache"])  # the verdict knows what fed the run
@@ -193,6 +199,8 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
         print(line, file=out)
     if cfg.output.json_path:
         write_json(cfg.output.json_path, report)
+    if cfg.report.per_image:
+        analysis.write_per_image(cfg, report)
     if cfg.output.trace_path:
         keep = ("throughput", "profile", "decode_mode", "autotune", "images", "failed", "backend")
         write_trace(cfg.output.trace_path, stats.batches, session.pool.spans if session.pool else [],

@@ -126,6 +126,10 @@ def test_installed_scripts_run_where_pip_put_them(tree, tmp_path):
     listed = sorted(os.path.basename(p) for p in cfg["options"]["scripts"].split())
     installed = sorted(os.listdir(os.path.join(site, "bin")))
     assert installed == listed and "run-eval" in installed, (installed, listed)  # no _venv.py
+    data = os.path.join(site, "engine", "data")  # what engine/report/labelsets.py reads, licence beside it
+    for name in ("real.json", "imagenet_a_synsets.txt", "imagenet_r_synsets.txt", "LICENSES.md",
+                 "LICENSE-Apache-2.0.txt", "timm-results/results-imagenet-a.csv", "timm-results/results-sketch.csv"):
+        assert os.path.isfile(os.path.join(data, name)), name
     env = dict(os.environ, PYTHONPATH=site)
     for name in installed:
         r = subprocess.run([sys.executable, os.path.join(site, "bin", name), "--help"], capture_output=True,

@@ -3,7 +3,9 @@
 Layouts:
 - ImageFolder: `DIR/<class>/<image>` (what `valprep.sh` produces). Folder names that are all
   ImageNet wnids get the standard ImageNet indices, so a subset of classes still scores
-  correctly; other names are sorted and numbered like torchvision's ImageFolder.
+  correctly; folder names that are all class numbers (`0`..`999`, ImageNet-V2's layout) are
+  their own index (sorted as names, `10` would come before `2`); other names are sorted and
+  numbered like torchvision's ImageFolder.
 - Flat folder plus a label file, one `FILENAME INDEX` per line (the reference's
   `val_label.txt`); the file name may lack its extension.
 - Unlabelled: a folder searched recursively, or a text file with one path per line (scoring).
@@ -88,11 +90,23 @@ def _imagenet_names() -> Tuple[str, ...]:
     return tuple(name for _, name in imagenet_classes())
 
 
-def _image_folder(root: str, class_dirs: Sequence[str], limit: Optional[int]) -> Dataset:
+def numbered(folders: Sequence[str]) -> bool:
+    """Folder names that are all class numbers (`0`, `1`, ... `999`): ImageNet-V2's layout."""
+    return bool(folders) and all(f.isdigit() and (f == "0" or not f.startswith("0")) for f in folders)
+
+
+def _image_folder(root: str, class_dirs: Sequence[str], limit: Optional[int], num_classes: int = 1000) -> Dataset:
     table = wnid_to_index()
     if all(d in table for d in class_dirs):
         index_of = {d: table[d] for d in class_dirs}
         names = _imagenet_names()
+    elif numbered(class_dirs):  # ImageNet-V2: the folder's number is the class index
+        index_of = {d: int(d) for d in class_dirs}
+        top = max(index_of.values())
+        if top >= num_classes:
+            raise DatasetError(f"--data {root}: class folder {top} is not below the model's {num_classes} classes "
+                               "(numbered folders are class indices, as in ImageNet-V2)")
+        names = _imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
     else:
         index_of = {d: i for i, d in enumerate(sorted(class_dirs))}
         names = tuple(sorted(class_dirs))
@@ -231,7 +245,7 @@ def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Opti
     entries = sorted(os.listdir(root))
     class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     if class_dirs:
-        return _image_folder(root, class_dirs, limit)
+        return _image_folder(root, class_dirs, limit, num_classes)
     for name in LABEL_FILE_NAMES:
         if name in entries:
             return _flat_with_labels(root, os.path.join(root, name), limit, num_classes)

@@ -78,6 +78,10 @@ def format_eval(report: Dict, max_failures: int = 20) -> str:
                  f" (of {report['dataset_images']:,} in the set{', stopped early' if report.get('partial') else ''})")
     lines.append(f"  top-1         {report['top1']:.3f} %  ({report['correct_top1']:,} / {report['images']:,})")
     lines.append(f"  top-5         {report['top5']:.3f} %  ({report['correct_top5']:,} / {report['images']:,})")
+    if report.get("statistics"):  # intervals, NLL, ECE; the label set (engine/report/analysis.py)
+        from engine.report.analysis import format_analysis
+
+        lines.extend(format_analysis(report))
     lines.append(f"  end to end    {_fmt_rate(tp['end_to_end'])}  ({total:,} images in {st['wall_s']:.2f} s)")
     lines.append(f"  compute only  {_fmt_rate(tp['compute_only'])}  (batch {cfg['pipeline']['batch_size']}, input on the device,"
                  f" {tp.get('compute_only_iterations', 0)} calls)")
