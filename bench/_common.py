@@ -98,7 +98,7 @@ def machine() -> str:
 
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         model = platform.processor()
     return f"{model}, {len(os.sched_getaffinity(0))} cores usable"

@@ -39,7 +39,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from _common import bench_data, machine, result_block
+from _common import bench_data, result_block
 
 from engine.config import IMAGENET_MEAN, IMAGENET_STD, NAMED_PRESETS
 

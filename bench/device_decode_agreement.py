@@ -67,7 +67,7 @@ def preprocess_pair(paths, device: str, resize=256, crop=224, interpolation="bil
         rows = [j for j, r in enumerate(routes) if r == ROUTE_DEVICE]
         tensors = [torch.frombuffer(bytearray(datas[j]), dtype=torch.uint8) for j in rows]
         failed = decode_into(decoder, tensors, dev, rows, resize, interpolation, method)
-        for j, why in failed:  # the backend decodes these on the host in exact mode: already there
+        for j, _why in failed:  # the backend decodes these on the host in exact mode: already there
             routes[j] = -1
         yield np.array(idx), exact_px, dev.cpu().numpy(), np.array(routes)
 
@@ -80,7 +80,7 @@ def measure(paths, model, device: str, batch: int = 64, **kw):
     diff_max = 0
     diff_n = 0
     t = time.time()
-    for idx, exact, dev, routes in preprocess_pair(paths, device, batch=batch, **kw):
+    for _idx, exact, dev, routes in preprocess_pair(paths, device, batch=batch, **kw):
         a_top.append(np.argmax(model(exact), axis=1))
         b_top.append(np.argmax(model(dev), axis=1))
         on = routes == ROUTE_DEVICE

@@ -312,7 +312,7 @@ def _draw_size(rng: np.random.Generator, kind: Optional[str] = None) -> Tuple[in
     """One ``(width, height)`` drawn like ImageNet val's sizes."""
     if kind is None:
         u, acc = rng.random(), 0.0
-        for p, kind in _SIZE_TABLE:
+        for p, kind in _SIZE_TABLE:  # noqa: B007 (the kind drawn is used after the loop)
             acc += p
             if u < acc:
                 break

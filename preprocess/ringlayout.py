@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class RingView:
     area and byte arenas). `RingView.attach(name, ...)` maps a block another process created."""
 
     def __init__(self, buf, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0):
-        self.layout = lay = Layout(slots, batch, shape, arena)
+        self.layout = Layout(slots, batch, shape, arena)
         self.slots, self.batch, self.shape = slots, batch, tuple(shape)
         self._set_views(buf)
 

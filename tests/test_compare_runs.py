@@ -138,8 +138,8 @@ def test_compare_runs_command(two_runs, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"Comparison of two runs on the same {N} images"
-    assert any(l.startswith("  B - A        top-1 ") for l in lines)
-    assert any("McNemar exact p = " in l for l in lines)
+    assert any(line.startswith("  B - A        top-1 ") for line in lines)
+    assert any("McNemar exact p = " in line for line in lines)
     rep = json.load(open(out))
     assert rep["images"] == N and "right_in_b_only" in rep["changed"]
 

@@ -41,7 +41,7 @@ def test_other_folder_names_sorted_like_torchvision(tmp_path):
 
     ref = ImageFolder(str(tmp_path), loader=lambda p: p)
     assert ds.class_names == tuple(ref.classes)
-    got = {os.path.join(str(tmp_path), p): int(l) for p, l in zip(ds.paths, ds.labels)}
+    got = {os.path.join(str(tmp_path), p): int(label) for p, label in zip(ds.paths, ds.labels)}
     assert got == dict(ref.samples)
 
 
@@ -66,7 +66,7 @@ def test_flat_folder_with_label_file(flat_set):
     ds2 = build_dataset(flat_set, labels=os.path.join(flat_set, "val_label.txt"))
     assert ds.paths == ds2.paths and np.array_equal(ds.labels, ds2.labels)
     expected = dict(read_label_file(os.path.join(flat_set, "val_label.txt")))
-    assert {p: int(l) for p, l in zip(ds.paths, ds.labels)} == expected
+    assert {p: int(label) for p, label in zip(ds.paths, ds.labels)} == expected
 
 
 def test_label_names_without_extension(tmp_path):

@@ -540,7 +540,7 @@ def test_pixel_agreement_on_synthetic_imagenet_like_images(mixed_set):
     ds = build_dataset(mixed_set)
     paths = [ds.abspath(i) for i in range(len(ds))]
     diffs, routes = [], []
-    for idx, exact, dev, route in preprocess_pair(paths, "cpu", batch=16):
+    for _idx, exact, dev, route in preprocess_pair(paths, "cpu", batch=16):
         on = route == jh.ROUTE_DEVICE
         assert np.array_equal(exact[~on], dev[~on])  # host-routed: exact mode's pixels
         diffs.append(np.abs(exact[on].astype(int) - dev[on].astype(int)))

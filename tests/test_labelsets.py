@@ -157,7 +157,7 @@ def test_200_class_restriction_equals_masked_reference_loop(tiny, tmp_path, name
     def counts(ref, run_ds):
         idx = [order[os.path.basename(p)] for p in run_ds.paths]
         lab = [labels[i] for i in idx]
-        return (sum(ref[i][0] == l for i, l in zip(idx, lab)), sum(l in ref[i][:5] for i, l in zip(idx, lab)))
+        return (sum(ref[i][0] == c for i, c in zip(idx, lab)), sum(c in ref[i][:5] for i, c in zip(idx, lab)))
 
     run_ds = build_dataset(root)
     want1, want5 = counts(masked, run_ds)

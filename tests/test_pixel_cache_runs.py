@@ -9,7 +9,6 @@ The storage layer itself (format, key, torn records, SIGKILL, full disk) is test
 tests/test_pixelcache.py; here: the sources, the commands and their reports.
 """
 
-import asyncio
 import json
 import os
 import shutil
@@ -457,7 +456,6 @@ def test_make_cache_stopped_by_sigterm_keeps_what_it_stored_and_resumes(mixed_se
     import signal
     import subprocess
     import sys
-    import time
 
     ds = build_dataset(mixed_set)
     cache, faults = str(tmp_path / "pc"), tmp_path / "faults"

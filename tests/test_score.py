@@ -321,7 +321,7 @@ def test_shards_write_one_folder_and_the_last_writes_success(tiny, reference, tm
     runs = [(["--shard", "0/3"], None),
             ([], {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}),
             ([], {"RANK": "2", "WORLD_SIZE": "3"})]
-    for k, (args, env) in enumerate(runs):
+    for _k, (args, env) in enumerate(runs):
         assert not os.path.exists(os.path.join(out, "_SUCCESS"))
         r = run_score(tiny, out, "--part-size", "8", *args, env=env)
         assert r.returncode == 0, r.stderr

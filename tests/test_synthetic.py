@@ -99,7 +99,7 @@ def test_special_kinds_present_and_encoded(tmp_path):
     items = make_dataset(str(tmp_path), 24, 4, layout="flat", seed=9, workers=1)
     plan = plan_dataset(24, 4, seed=9)
     seen = {"L": 0, "CMYK": 0, "progressive": 0}
-    for (path, label), spec in zip(items, plan):
+    for (path, _label), spec in zip(items, plan):
         with Image.open(os.path.join(str(tmp_path), path)) as img:
             assert img.format == "JPEG"
             assert img.size == (spec.width, spec.height)

@@ -285,7 +285,7 @@ class AieBackend(Backend):
                         pending_refusal = (key, reason)
                         continue
                     raise BackendError(f"aie: torch_aie.compile failed ({self._what(batch_size)}): {reason}")
-                self.cache.store(key, lambda p: self._save(model, p), options)
+                self.cache.store(key, lambda p, m=model: self._save(m, p), options)
             else:
                 print(f"aie: compiled model from the cache: {self.cache.path(key)}", file=sys.stderr)
             if pending_refusal is not None:  # remembered only once another dtype compiled fine

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import List, Optional
 
 from engine.errors import EXIT_ERROR, EXIT_OK, UsageError

@@ -82,7 +82,7 @@ def _finish(root: str, pairs: List[Tuple[str, int]], class_names, layout: str, l
     if limit is not None:
         pairs = pairs[:limit]
     paths = tuple(p for p, _ in pairs)
-    labels = np.fromiter((l for _, l in pairs), dtype=np.int64, count=len(pairs))
+    labels = np.fromiter((label for _, label in pairs), dtype=np.int64, count=len(pairs))
     return Dataset(root=root, paths=paths, labels=labels, class_names=tuple(class_names), layout=layout)
 
 

@@ -175,7 +175,7 @@ def apply_class_map(ds: Dataset, path: str, num_classes: int) -> Dataset:
     if ds.layout == "folder":
         keys = [p.split(os.sep, 1)[0] for p in ds.paths]
     elif ds.layout == "flat":
-        keys = [str(int(l)) for l in ds.labels]
+        keys = [str(int(label)) for label in ds.labels]
     else:
         raise LabelSetError("--class-map needs labelled data (class folders, or a flat folder with --labels)")
     missing = sorted(set(k for k in keys if k not in mapping))

@@ -35,7 +35,7 @@ def manifest_labels(data: Optional[str], manifest) -> Optional[np.ndarray]:
         return None
     if ds.layout == "unlabelled":
         return None
-    index = {p.replace(os.sep, "/"): int(l) for p, l in zip(ds.paths, ds.labels.tolist())}
+    index = {p.replace(os.sep, "/"): int(label) for p, label in zip(ds.paths, ds.labels.tolist())}
     return np.fromiter((index.get(p, -1) for p in manifest.paths), dtype=np.int64, count=len(manifest.paths))
 
 

@@ -153,7 +153,7 @@ def _check_settings(module, inputs, settings):
 def compile(module, inputs=None, precision_policy=PrecisionPolicy.FP16,
             soc_version="Ascend310P3", optimization_level=0, allow_tensor_replace_int=False,
             truncate_long_and_double=True, require_full_compilation=False, min_block_size=3,
-            torch_executed_ops=[]):
+            torch_executed_ops=[]):  # noqa: B006 (the real signature)
     """Compile a TorchScript module for the (fake) NPU; returns a TorchScript module."""
     _stand_in.check_alive("torch_aie.compile")
     settings = dict(inputs=inputs, precision_policy=precision_policy, soc_version=soc_version,
