@@ -1,6 +1,7 @@
 # Project tasks. Everything runs through the venv's interpreter; no activation needed.
 #   make setup   create/refresh .venv (scripts/setup-env.sh), stamped: instant when done
-#   make test    setup, then the test suite
+#   make test    setup, then lint (ruff, mypy), then the test suite
+#   make lint    ruff and mypy over the tree (configured in pyproject.toml)
 #   make eval    setup, a small synthetic dataset (made once), then an accuracy run
 #   make bench   setup, then every benchmark in BENCHES
 #   make clean   remove caches and build outputs (keeps .venv and the region decoder);
@@ -34,7 +35,7 @@ EVAL_FLAGS   ?= --threads 2
 BENCHES      ?= $(sort $(wildcard bench/bench_*.py))
 BENCH_FLAGS  ?=
 
-.PHONY: setup test eval bench clean distclean
+.PHONY: setup lint test eval bench clean distclean
 
 setup: $(STAMP)
 
@@ -42,8 +43,12 @@ $(STAMP): $(SETUP_DEPS)
 	VENV=$(VENV) bash scripts/setup-env.sh $(SETUP_FLAGS)
 	@touch $@
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # pytest exit 5 means "no tests collected": reported, not treated as a failure.
-test: setup
+test: setup lint
 	@rc=0; $(PY) -m pytest $(PYTEST_FLAGS) $(TESTS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; rc=0; fi; \
 	exit $$rc

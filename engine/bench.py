@@ -95,6 +95,7 @@ def run_bench(cfg: RunConfig, batch_sizes: List[int], warmup: int, iterations: i
     finally:
         backend.close()
     for row in results if e2e else []:
+        assert e2e is not None
         figure = end_to_end(cfg, e2e, row["batch_size"])
         row["end_to_end_img_per_s"] = figure["end_to_end_img_per_s"]
         row["ratio"] = figure["end_to_end_img_per_s"] / row["img_per_s"] if row["img_per_s"] else None

@@ -494,8 +494,7 @@ def flat_default(name: str):
     """The default of an option by its flat name (its section's field default)."""
     where = FLAT_FIELDS[name]
     cls = _SECTIONS[where[0]] if len(where) == 2 else _SUB[where[1]]
-    f = cls.__dataclass_fields__[where[-1]]
-    return f.default
+    return {f.name: f.default for f in dataclasses.fields(cls)}[where[-1]]
 
 
 @dataclass(frozen=True)
@@ -579,7 +578,7 @@ def parse_triple(text: str, flag: str) -> Tuple[float, float, float]:
         raise ConfigError(f"{flag} needs three comma-separated numbers, like 0.485,0.456,0.406 (got {text!r})")
     if len(values) != 3:
         raise ConfigError(f"{flag} needs three comma-separated numbers, like 0.485,0.456,0.406 (got {text!r})")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optional[dict] = None,

@@ -79,6 +79,7 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
     from engine.pipeline.dataset import build_dataset
     from engine.pipeline.pixelcache import MISS, PixelCacheError, export_bin
     from engine.pipeline.session import Session
+    from engine.pipeline.sources import CacheSource
     from engine.report.output import Progress
 
     log = log if log is not None else sys.stderr
@@ -91,6 +92,7 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
         if session.stopped is not None:  # a stop signal while opening: nothing was decoded
             return {"dir": cfg.pipeline.pixel_cache, "images": len(ds), "stopped": True}, exit_for_signal(session.stopped)
         cache = session.cache
+        assert cache is not None, "a make-cache Session opens the pixel cache"
         missing = int((cache.state == MISS).sum())
         before = len(ds) - missing
         windows = _windows(cache.state, MISS, cfg.pipeline.batch_size)
@@ -121,6 +123,7 @@ def make_cache(cfg, export: Optional[str] = None, export_format: str = "uint8-hw
 
             exported = export_bin(cache, ds, export, export_format, cfg.preprocess.mean, cfg.preprocess.std, step)
             bar.close()
+        assert isinstance(session.source, CacheSource), "a make-cache Session reads and writes the pixel cache"
         stats = dict(session.source.stats())
         stats.setdefault("decoded", 0)
     finally:

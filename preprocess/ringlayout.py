@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -69,6 +69,13 @@ class RingView:
     """Views over a ring block: per image a label, dataset index, decode times and status; per slot
     a `uint8[B, H, W, 3]` pixel array (and, for device decode, offsets, lengths, routes, a control
     area and byte arenas). `RingView.attach(name, ...)` maps a block another process created."""
+
+    name: str = ""  # the block's name in /dev/shm
+    # device decode's per-image arrays and control words: arrays in a ring with a byte arena, else None
+    offsets: Any
+    lengths: Any
+    route: Any
+    control: Any
 
     def __init__(self, buf, slots: int, batch: int, shape: Tuple[int, int, int], arena: int = 0):
         self.layout = Layout(slots, batch, shape, arena)
@@ -132,7 +139,7 @@ class RingView:
 
     def _drop_views(self):
         """Drop every view; returns the buffer they pointed into."""
-        self.labels = self.indices = self.decode_ns = self.started = self.status = None  # type: ignore[assignment]
+        self.labels = self.indices = self.decode_ns = self.started = self.status = None
         self._pixels = []
         self.offsets = self.lengths = self.route = self.control = None
         self._arenas = []
@@ -167,7 +174,7 @@ def attach_block(name: str, size: int):
     from multiprocessing import shared_memory  # pragma: no cover - non-Linux
 
     try:
-        shm = shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
+        shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]  # Python 3.13+
     except TypeError:
         shm = shared_memory.SharedMemory(name=name)
     return shm.buf

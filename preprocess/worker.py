@@ -257,7 +257,7 @@ class BytePlacer:
         ring.route[slot, row] = where
 
 
-def pixel_limit(max_image_pixels: int) -> int:
+def pixel_limit(max_image_pixels: Optional[int]) -> int:
     """The decompression-bomb limit: the flag, else Pillow's own error threshold (the reference's).
 
     Pillow refuses images over `2 * Image.MAX_IMAGE_PIXELS` (178,956,970 by default) and only warns

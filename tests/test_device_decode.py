@@ -148,7 +148,7 @@ def test_config_and_cli_options():
     assert (cfg.preprocess.decode, cfg.device_decode.host_decode_share, cfg.device_decode.arena_kib) == ("device", 0.3, 512)
     a = eval_parser().parse_args(["--data", "x", "--decode", "device", "--host-decode-share", "auto",
                                   "--backend", "cpu"])
-    assert config_from_args(a).host_decode_share == -1.0
+    assert config_from_args(a).device_decode.host_decode_share == -1.0
     with pytest.raises(SystemExit):
         eval_parser().parse_args(["--data", "x", "--host-decode-share", "1.5"])
     with pytest.raises(ConfigError, match="host-decode-share"):

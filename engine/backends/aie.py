@@ -105,6 +105,7 @@ class _AieBatch(InFlight):
             b = self.backend
             b.copy_stream.synchronize()  # no events: the only way to know the copy finished
             if self.staging is not None:
+                assert b._staging is not None
                 b._staging.release(self.staging)
                 self.staging = None
             self.y = b._call(self.x)  # enqueued on the compute stream, returns at once
@@ -114,6 +115,7 @@ class _AieBatch(InFlight):
         self.copied()
         b = self.backend
         b.compute_stream.synchronize()
+        assert self.y is not None, "copied() enqueues the model"
         try:
             with b.aie.npu.stream(b.compute_stream):
                 logits = self.y.to("cpu")  # blocking copy: synchronises the compute stream
@@ -362,19 +364,21 @@ class AieBackend(Backend):
         n = pixels.shape[0]
         host = torch.from_numpy(pixels)
         staging = None
+        buffers = self._staging
         if self.pinned or self.input_dtype != torch.uint8:
-            staging = self._staging.acquire()
+            assert buffers is not None, "prepare() first"
+            staging = buffers.acquire()
             staging[:n].copy_(host)  # ring slot -> staging buffer (uint8, or float16 values 0..255)
             host = staging[:n]
         try:
             with self.aie.npu.stream(self.copy_stream):
                 x = host.to(self.device, non_blocking=self.pinned)
         except Exception as e:
-            if staging is not None:
-                self._staging.release(staging)
+            if staging is not None and buffers is not None:
+                buffers.release(staging)
             raise BackendError(f"aie: host-to-device copy failed: {type(e).__name__}: {e}")
-        if not self.pinned and staging is not None:
-            self._staging.release(staging)  # a pageable copy has finished when .to() returns
+        if not self.pinned and staging is not None and buffers is not None:
+            buffers.release(staging)  # a pageable copy has finished when .to() returns
             staging = None
         return _AieBatch(self, x, staging, n)
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class Backend:
     #: takes compressed JPEGs (`--decode device`: an EncodedBatch, engine/pipeline/encoded.py)
     decodes_jpeg = False
     #: its `--decode device` stage (engine/backends/decodestage.py) once prepared for it, else None
-    decode_stage = None
+    decode_stage: Any = None
 
     def submit_batch(self, batch) -> InFlight:
         """Submit a source's `Batch` (engine/pipeline/sources.py): its pixels, or for a backend that

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.models.zoo import InputAdapter, WithInput, build_model
+
+if TYPE_CHECKING:  # imported by prepare() only for --decode device
+    from engine.backends.decodestage import DecodeTiming, DeviceDecodeStage
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,11 +45,12 @@ class _StreamBatch(InFlight):
         self.staging = staging
         self.keep = keep  # device tensors that must outlive the enqueued work
         self.failed: List[Tuple[int, str]] = []  # --decode device: rows neither decoder could decode
-        self.decode_timing = None  # --decode device: a DecodeTiming for the stage's meter (decodestage.py)
+        self.decode_timing: Optional["DecodeTiming"] = None  # --decode device: for the stage's meter (decodestage.py)
 
     def copied(self) -> None:
         self.copied_event.synchronize()
         if self.staging is not None:
+            assert self.backend._staging is not None
             self.backend._staging.release(self.staging)
             self.staging = None
 
@@ -54,8 +58,9 @@ class _StreamBatch(InFlight):
         self.copied()
         self.done_event.synchronize()
         self.keep = None
-        if self.decode_timing is not None:  # once: result() may be called again
-            self.backend.decode_stage.meter.add(self.decode_timing)
+        stage = self.backend.decode_stage
+        if self.decode_timing is not None and stage is not None:  # once: result() may be called again
+            stage.meter.add(self.decode_timing)
             self.decode_timing = None
         return self.out.numpy()
 
@@ -141,7 +146,7 @@ class StreamBackend(Backend):
         self.info: Dict = {}
         # --decode device: JPEGs decoded on a third stream by the stage made in prepare()
         # (engine/backends/decodestage.py)
-        self.decode_stage = None
+        self.decode_stage: Optional["DeviceDecodeStage"] = None
         if self.spec.decode == "device":
             from engine.backends.gpudecode import DecodeRefused, check_cuda_runtime
 
@@ -162,6 +167,7 @@ class StreamBackend(Backend):
 
     @jpeg.setter
     def jpeg(self, decoder) -> None:  # a test swaps in another decoder after prepare()
+        assert self.decode_stage is not None, "prepare() for --decode device first"
         self.decode_stage.decoder = decoder
 
     @property
@@ -273,6 +279,7 @@ class StreamBackend(Backend):
         host = torch.from_numpy(pixels)
         staging = None
         if not self._in_registered(pixels):  # not a ring slot: a pixel-cache slice (a mapped file)
+            assert self._staging is not None, "prepare() first"
             staging = self._staging.acquire()
             staging[:n].copy_(host)
             host = staging[:n]

@@ -42,7 +42,8 @@ def _sleep_until(t: float) -> None:
 
 class _SimBatch(InFlight):
     def __init__(self, copy_end: float, done: float, device: np.ndarray, num_classes: int, release):
-        self.copy_end, self.done, self.device, self.num_classes = copy_end, done, device, num_classes
+        self.copy_end, self.done, self.num_classes = copy_end, done, num_classes
+        self.device: Optional[np.ndarray] = device  # the "device" copy, until the model has read it
         self._release = release
         self.logits: Optional[np.ndarray] = None
 
@@ -52,6 +53,7 @@ class _SimBatch(InFlight):
     def result(self) -> np.ndarray:
         if self.logits is None:
             # the "model" reads the device copy while the simulated device time runs
+            assert self.device is not None
             self.logits = sim_logits(self.device, self.num_classes)
             self.device = None
             if self._release is not None:  # the input buffer is free again

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -193,11 +193,11 @@ def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_clas
         if os.path.join(root, n) != label_path and (_is_image_name(n) or not os.path.isdir(os.path.join(root, n)))
     )
     by_name = {n: n for n in files}
-    by_stem = {}
+    by_stem: Dict[str, str] = {}
     for n in files:
         by_stem.setdefault(os.path.splitext(n)[0], n)
     pairs: List[Tuple[str, int]] = []
-    seen = {}
+    seen: Dict[str, int] = {}
     missing = []
     for name, label in entries:
         found = by_name.get(name) or by_stem.get(name) or by_stem.get(os.path.splitext(name)[0])

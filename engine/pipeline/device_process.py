@@ -39,7 +39,7 @@ import sys
 import threading
 import traceback
 from multiprocessing.connection import Connection
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -74,10 +74,10 @@ class DeviceServer:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.send_lock = threading.Lock()
-        self.backend = None
-        self.regions: Dict[int, object] = {}
+        self.backend: Any = None  # the backend this process drives (engine/backends), made by serve()
+        self.regions: Dict[int, Any] = {}  # region id -> mmap of the ring, the cache's file, a staging block
         self.logits: Optional[np.ndarray] = None
-        self.shape = None
+        self.shape: Tuple[int, ...] = ()
         self.results: "queue.Queue" = queue.Queue()
         self.fault_at = 0  # IMAGENET_ENGINE_DEVICE_FAULT: fail on this batch (1-based); 0 never
         self.batches = 0
@@ -165,6 +165,7 @@ class DeviceServer:
                     raise RuntimeError(f"injected device fault at batch {self.batches} (IMAGENET_ENGINE_DEVICE_FAULT)")
                 logits = np.asarray(inflight.result(), np.float32)
                 rows, classes = logits.shape
+                assert self.logits is not None, "no logits block was given"
                 self.logits[slot, :rows, :classes] = logits
                 self.send(("done", job, rows, classes, list(inflight.failed_rows())))
             except BaseException:

@@ -70,7 +70,7 @@ class _Block:
         self.path = os.path.join(SHM_DIR, self.name)
 
     def close(self) -> None:
-        shm, self.shm = self.shm, None
+        shm, self.shm = self.shm, None  # type: ignore[assignment]
         if shm is not None:
             try:
                 shm.close()
@@ -233,11 +233,11 @@ class DeviceGroup(Backend):
         return self._devices_text
 
     def _recv_startup(self, dev: _Device):
-        assert dev.conn is not None
+        assert dev.conn is not None and dev.proc is not None, "the device process was started"
         try:
             msg = dev.conn.recv()
         except (EOFError, OSError):
-            rc = dev.proc.wait() if dev.proc is not None else None
+            rc = dev.proc.wait()
             raise BackendError(f"device {dev.id}: its process exited while starting (status {rc})") from None
         if msg[0] == "error":
             dev.proc.wait()
@@ -248,9 +248,11 @@ class DeviceGroup(Backend):
     def _read(self, dev: _Device) -> None:
         """The device's reader thread: its replies, and its death (EOF) seen at once."""
         why = None
+        conn = dev.conn
+        assert conn is not None, "the device process was started"
         try:
             while True:
-                msg = dev.conn.recv()
+                msg = conn.recv()
                 kind = msg[0]
                 if kind == "copied":
                     job = dev.jobs.get(msg[1])
@@ -409,6 +411,7 @@ class DeviceGroup(Backend):
             dev.staging = np.ndarray(shape, np.uint8, dev.staging_block.shm.buf)
         dev.staging[slot, :rows] = pixels
         rid = 2 + dev.order
+        assert dev.staging_block is not None
         self._map(dev, rid, dev.staging_block.path, dev.staging.nbytes)
         return rid, slot * dev.staging[0].nbytes
 

@@ -71,7 +71,7 @@ import os
 import threading
 import time
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -431,7 +431,7 @@ class PixelCache:
         self.key: Dict[str, object] = {}
         self._n = 0
         self._row_bytes = 0
-        self._dataset = None
+        self._dataset: Any = None  # the run's Dataset, set by open()
         self._verify = False
         self._pix_fd = -1
         self._rec_fd = -1
@@ -1041,7 +1041,7 @@ def export_bin(cache: PixelCache, dataset, out_dir: str, fmt: str = "uint8-hwc",
                 x = px.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
                 data = np.ascontiguousarray((x - m) / s, np.float32)
             with open(path, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                f.write(np.ascontiguousarray(data).tobytes())
             info_lines.append(f"{written} {path} {w} {h}")
             image_lines.append(f"{i}\t{dataset.paths[i]}\t{int(dataset.labels[i])}\t{name}.bin")
             written += 1

@@ -24,12 +24,18 @@ import asyncio
 import signal
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from engine.config import RunConfig
 from engine.pipeline.dataset import Dataset, build_dataset
+from engine.pipeline.pool import WorkerPool
+from engine.pipeline.ring import Ring
 from engine.pipeline.scheduler import BatchResult, PipelineStats, loop_name, new_event_loop, run_pipeline
 from engine.pipeline.signals import StopSignals
+from engine.pipeline.sources import Source
+
+if TYPE_CHECKING:  # the pixel cache is imported only by a run that has one
+    from engine.pipeline.pixelcache import PixelCache
 
 
 def measure_compute_only(backend, batch_size: int, iterations: int = 0, budget_s: float = 2.0) -> List[float]:
@@ -67,10 +73,10 @@ class Session:
         self.ring_slots = ring_slots
         self.log = log if log is not None else sys.stderr
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.ring = None
-        self.pool = None
-        self.source = None
-        self.cache = None
+        self.ring: Optional[Ring] = None
+        self.pool: Optional[WorkerPool] = None
+        self.source: Optional[Source] = None
+        self.cache: Optional[PixelCache] = None
         self.cache_write = cache_write
         self.loop_kind = loop_kind
         self.autotune: Dict = {}
@@ -106,8 +112,6 @@ class Session:
         return self
 
     def _open(self) -> None:
-        from engine.pipeline.pool import WorkerPool
-
         cfg = self.cfg
         if self.dataset is None:
             self.dataset = build_dataset(cfg.data.path, cfg.data.labels, cfg.data.limit, cfg.data.num_classes)
@@ -161,6 +165,7 @@ class Session:
         if isinstance(self.source, CacheSource):
             await self.source.start(lo, hi)
         elif not self._pool_started:
+            assert self.pool is not None, "open() the session first"
             await self.pool.start()
             self._pool_started = True
 
@@ -168,6 +173,7 @@ class Session:
         """Get the source ready for images [lo, hi): the decode workers up (or, fed by the pixel
         cache, only if something must be decoded). `run` does it too; call it first to keep worker
         start-up out of a measurement (compute-only is measured while the workers are idle)."""
+        assert self.dataset is not None, "open() the session first"
         self.until_done(self._start(lo, len(self.dataset) if hi is None else hi))
 
     def compute_only(self, iterations: int = 0, batch_size: int = 0) -> List[float]:
@@ -193,12 +199,14 @@ class Session:
         `finish` (a driver that runs several ranges, like run-score's parts, awaits `finish()` once)."""
         stats = stats if stats is not None else PipelineStats()
         await self._start(lo, hi)
+        assert self.source is not None, "open() the session first"
         await run_pipeline(self.source, self.backend, hi, self.cfg.pipeline.batch_size, self._inflight(), reduce,
                            progress, start=lo, stats=stats)
         return stats
 
     async def finish(self) -> None:
         """On the session's loop: wait for the source's own remaining work (the cache's writes and flush)."""
+        assert self.source is not None, "open() the session first"
         await self.source.finish()
 
     def run(self, lo: int, hi: int, reduce: Callable[[BatchResult], None],

@@ -99,8 +99,8 @@ class PoolSource(Source):
                 return
             if f.cancelled():
                 out.cancel()
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
+            elif (error := f.exception()) is not None:
+                out.set_exception(error)
                 out.exception()  # the scheduler raises the first one; the rest must not be logged at exit
             else:
                 out.set_result(self.batch_of(f.result()))
@@ -331,9 +331,9 @@ class CacheSource(Source):
 
     def _written(self, fut: "asyncio.Future") -> None:
         self._writes.discard(fut)
-        if fut.cancelled() or fut.exception() is None:
-            return
-        self._stop_writing(fut.exception())
+        error = None if fut.cancelled() else fut.exception()
+        if error is not None:
+            self._stop_writing(error)
 
     def _stop_writing(self, e: BaseException) -> None:
         self.write = False

@@ -86,7 +86,7 @@ class Metrics:
         rows = []
         for c in np.nonzero(self.class_images)[0]:
             n = int(self.class_images[c])
-            row = {"index": int(c), "name": class_names[c] if c < len(class_names) else str(c), "images": n}
+            row = {"index": int(c), "name": class_names[int(c)] if c < len(class_names) else str(c), "images": n}
             for k in self.topk:
                 row[f"top{k}"] = 100.0 * int(self.class_correct[k][c]) / n
             rows.append(row)

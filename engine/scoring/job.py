@@ -13,7 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -178,6 +178,8 @@ def open_job(cfg: RunConfig, opts: ScoreOptions, environ: Mapping[str, str] = os
     """Freeze the manifest, open (or check) OUT, pick this shard's parts and the pending ones."""
     from engine.scoring.summary import manifest_labels
 
+    if not cfg.data.path:
+        raise UsageError("--data is required: a folder, or a text file with one image path per line")
     manifest = build_manifest(cfg.data.path, cfg.data.limit)
     labels = manifest_labels(cfg.data.path, manifest)
     out, meta = open_output(cfg, opts, manifest, labels is not None)
@@ -280,6 +282,7 @@ class PartRouter:
                     reasons[row] = ("the model's output is not finite (NaN or inf)" if r.ok[row]
                                     else "not decoded (no reason reported)")
         parts = ids // self.part_size
+        groups: List[Tuple[int, Any]]  # (part, its rows: a slice or an index array)
         if n and parts[0] == parts[-1]:
             groups = [(int(parts[0]), slice(0, n))]  # the usual case: the whole batch in one part
         else:
@@ -386,6 +389,7 @@ class PartScorer:
     async def _score(self, parts: List[int], stats: ScoreStats, progress) -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
+        assert task is not None
 
         def on_error(e: BaseException) -> None:  # in the writer thread: stop the pipeline now
             loop.call_soon_threadsafe(task.cancel)

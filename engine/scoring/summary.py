@@ -73,6 +73,13 @@ def read_part(path: str, fmt: str) -> Tuple[np.ndarray, List[Optional[List[int]]
     return ids, [r["topk_index"] for r in rows], [r["error"] for r in rows], labels
 
 
+def _rank(topk_index: Optional[List[int]], label: int, past: int) -> int:
+    """The label's 0-based place in a row's stored top-k, or `past` (beyond it) when absent."""
+    if topk_index is None or label not in topk_index:
+        return past
+    return topk_index.index(label)
+
+
 def summarize(out: str) -> Dict:
     """Exact counts over every done part of the output folder `out` (run-eval's JSON names)."""
     from engine.classes import imagenet_classes
@@ -104,7 +111,7 @@ def summarize(out: str) -> Dict:
             if e is not None:
                 metrics.fail(int(ids[i]), manifest.paths[int(ids[i])], e)
         if scored:
-            ranks = np.array([idx[i].index(labels[i]) if labels[i] in idx[i] else topk for i in scored], np.int64)
+            ranks = np.array([_rank(idx[i], int(labels[i]), topk) for i in scored], np.int64)
             metrics.count_ranks(ranks, labels[scored])
     if done and len(without_label) == len(done):
         raise UsageError(f"--summarize {out}: its rows have no label column (written before run-score stored "

@@ -71,7 +71,7 @@ class DiskFullError(OutputError):
             free = f", {st.f_bavail * st.f_frsize / 2**20:.1f} MiB free"
         except OSError:
             pass
-        super().__init__(f"disk full ({os.strerror(error.errno)}{free}) while writing {path}")
+        super().__init__(f"disk full ({os.strerror(error.errno or 0)}{free}) while writing {path}")
         self.path, self.error = path, error
 
 
@@ -198,11 +198,11 @@ class RowEncoder:
             raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.metadata = metadata or {}
+        self.wnids: Optional[np.ndarray] = None
+        self.names: Optional[np.ndarray] = None
         if class_table is not None:
             self.wnids = np.array([w for w, _ in class_table] + [None], dtype=object)
             self.names = np.array([n for _, n in class_table] + [None], dtype=object)
-        else:
-            self.wnids = self.names = None
         self._warm: Optional[threading.Thread] = None
         if fmt == "parquet":
             import pyarrow  # noqa: F401  (fail now if missing)
@@ -217,6 +217,7 @@ class RowEncoder:
         if self.wnids is None:
             none = [None] * rows.n
             return none, none
+        assert self.names is not None
         top1 = np.where(ok, rows.topk_index[:, 0], len(self.wnids) - 1)
         return self.wnids[top1], self.names[top1]
 
@@ -224,8 +225,8 @@ class RowEncoder:
         if self._warm is not None:
             self._warm.join()
             self._warm = None
-        rows = PartRows(rows.part, rows.lo, [text_field(p) for p in rows.paths], rows.topk_index, rows.topk_prob,
-                        [text_field(e) for e in rows.errors], rows.labels)
+        rows = PartRows(rows.part, rows.lo, [text_field(p) or "" for p in rows.paths], rows.topk_index,
+                        rows.topk_prob, [text_field(e) for e in rows.errors], rows.labels)
         ok = np.fromiter((e is None for e in rows.errors), dtype=bool, count=rows.n)
         if self.fmt == "parquet":
             return self._parquet(rows, ok)
