@@ -416,8 +416,13 @@ class PipelineOptions:
 
     @property
     def slots(self) -> int:
-        """Ring slots: enough for every batch in flight on the device plus batches being filled."""
-        return self.ring_slots or self.inflight + 2
+        """Ring slots of a one-device run (`slots_for`)."""
+        return self.slots_for(1)
+
+    def slots_for(self, devices: int) -> int:
+        """Ring slots: enough for every batch in flight on every device plus batches being filled
+        (a pixel-cache-fed run keeps as many batches read ahead), unless --ring-slots says."""
+        return self.ring_slots or self.inflight * max(1, devices) + 2
 
 
 @dataclass(frozen=True)

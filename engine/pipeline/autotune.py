@@ -133,7 +133,7 @@ def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
     free = shm_free()
     prepared, rates = 0, {}
     if auto_batch:
-        fits = [b for b in BATCH_CANDIDATES if batch_fits(b, cfg.pipeline.slots, image_bytes, free)] or [BATCH_CANDIDATES[0]]
+        fits = [b for b in BATCH_CANDIDATES if batch_fits(b, cfg.pipeline.slots_for(backend.device_count), image_bytes, free)] or [BATCH_CANDIDATES[0]]
         rates = measure_compute(backend, fits)
         prepared = fits[-1]
         batch, why = choose_batch(rates)

@@ -135,7 +135,8 @@ class Session:
                     self.backend.prepare(cfg.pipeline.batch_size)
             elif not self.backend.batch_size:
                 self.backend.prepare(cfg.pipeline.batch_size)
-        self.ring = make_ring(cfg, slots=self.ring_slots)  # with a byte arena for --decode device
+        devices = self.backend.device_count if self.backend is not None else 1
+        self.ring = make_ring(cfg, slots=self.ring_slots or cfg.pipeline.slots_for(devices))  # (+ arena: --decode device)
         if self.backend is not None:
             self.backend.register_ring(self.ring)
             if self.cache is not None:
