@@ -179,7 +179,8 @@ def bench_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", metavar="PATH", help="write {\"results\": [...], \"config\": {...}}")
     g.add_argument("--plot", metavar="PNG", help="img/s against batch size (needs matplotlib)")
     e = p.add_argument_group("end to end (--e2e)")
-    e.add_argument("--e2e", metavar="DATA", help="also run run-eval on this image folder at every batch size")
+    e.add_argument("--e2e", metavar="DATA", help="also run run-eval on this data at every batch size (an image "
+                   "folder, a tar, WebDataset or Parquet shards: as run-eval's --data)")
     e.add_argument("--labels", metavar="FILE", help="for a flat --e2e folder: lines 'FILENAME INDEX'")
     e.add_argument("--limit", type=positive_int, help="only the first N images of --e2e")
     e.add_argument("--workers", type=positive_int, default=1, help="decode workers for --e2e (default: 1)")
@@ -200,9 +201,15 @@ def run_bench_main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.warmup < 0:
         p.error("--warmup must not be negative")
-    if a.e2e and not os.path.isdir(a.e2e):
-        p.error(f"--e2e {a.e2e}: no such folder")
     from engine.pipeline.dataset import DatasetError
+    from engine.pipeline.containers import is_container_spec
+
+    try:
+        container = bool(a.e2e) and is_container_spec(a.e2e)  # a tar, shards, Parquet (containers/)
+    except DatasetError as e:
+        p.error(str(e))
+    if a.e2e and not container and not os.path.isdir(a.e2e):
+        p.error(f"--e2e {a.e2e}: no such folder (or tar, WebDataset or Parquet shards)")
     from engine.pipeline.pool import PoolError
     from engine.pipeline.pixelcache import PixelCacheError
     from engine.pipeline.ring import RingError

@@ -7,6 +7,8 @@ Layouts:
 - Flat folder plus a label file, one `FILENAME INDEX` per line (the reference's
   `val_label.txt`); the file name may lack its extension.
 - Unlabelled: a folder searched recursively, or a text file with one path per line (scoring).
+- Containers (a tar of images, WebDataset shards, Parquet shards, in object storage too):
+  engine/pipeline/containers/, which the two builders below hand such a `--data` to.
 
 The order is fixed: by file name, then by relative path, so `--limit N` takes the first N
 validation images (`ILSVRC2012_val_00000001` onward), which span all classes.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,12 +54,21 @@ class Dataset:
     labels: np.ndarray
     class_names: Tuple[str, ...]  # display name per class index
     layout: str
+    # engine.pipeline.containers.Container: where each image's bytes are in tar or Parquet files
+    # (then `paths` are names like `val-000003.tar:KEY`); None: loose files under `root`
+    container: Optional[Any] = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
+
+    def locator(self, i: int):
+        """What a worker reads image i by (preprocess/containers.py): a path, or a container position."""
+        if self.container is None:
+            return os.path.join(self.root, self.paths[i])
+        return self.container.locator(i, self.paths[i])
 
     @property
     def num_classes(self) -> int:
@@ -164,13 +175,22 @@ def read_label_file(path: str) -> List[Tuple[str, int]]:
     return entries
 
 
+def read_labels(path: str) -> List[Tuple[str, int]]:
+    """`--labels`: `FILENAME INDEX` lines, or the ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz)."""
+    from engine.pipeline.containers.devkit import devkit_labels, is_devkit
+
+    if is_devkit(path):
+        return devkit_labels(path)
+    return read_label_file(path)
+
+
 def _few(items: Sequence[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_classes: int) -> Dataset:
-    entries = read_label_file(label_file)
+    entries = read_labels(label_file)
     label_path = os.path.abspath(label_file)
     # a directory with an image name stays, so that a label line naming it is a failed image
     files = sorted(
@@ -215,9 +235,14 @@ def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_clas
 
 def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Optional[int] = None,
                   num_classes: int = 1000) -> Dataset:
-    """The labelled index of `data` (ImageFolder, or a flat folder with a label file)."""
+    """The labelled index of `data` (ImageFolder, or a flat folder with a label file, or a container)."""
     if not data:
         raise DatasetError("--data is required: a folder of class folders, or a flat folder with --labels")
+    from engine.pipeline.containers import open_container
+
+    found = open_container(data, labels, limit, num_classes)
+    if found is not None:
+        return found
     root = os.path.abspath(data)
     if not os.path.exists(root):
         raise DatasetError(f"--data {data}: no such folder")
@@ -244,6 +269,11 @@ def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Opti
 
 def build_unlabelled(data: str, limit: Optional[int] = None) -> Dataset:
     """Every image under a folder (recursively) or listed in a text file, for scoring."""
+    from engine.pipeline.containers import open_container
+
+    found = open_container(data, None, limit, 1000, labelled=False)
+    if found is not None:
+        return found
     root = os.path.abspath(data)
     if not os.path.exists(root):
         raise DatasetError(f"--data {data}: no such file or folder")

@@ -35,6 +35,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 from engine.config import PreprocessSpec, format_resize
 from engine.pipeline.dataset import Dataset
 from engine.pipeline.ring import BUSY, EMPTY, FAILED, OK, Ring
+from preprocess.containers import describe
 
 
 class PoolError(RuntimeError):
@@ -224,7 +225,7 @@ class WorkerPool:
             return fut
         self._fills[slot] = f
         for lo in range(0, len(todo), self.chunk):
-            chunk = [(r, ds.abspath(start + r)) for r in todo[lo:lo + self.chunk]]
+            chunk = [(r, ds.locator(start + r)) for r in todo[lo:lo + self.chunk]]
             job = _Job(self._next_job, f, chunk)
             self._next_job += 1
             f.pending.add(job.id)
@@ -328,7 +329,7 @@ class WorkerPool:
                 if s == OK:
                     continue
                 if s == BUSY:
-                    culprit = path
+                    culprit = describe(path)
                     index = f.start + row
                     self._kills[index] += 1
                     if self._kills[index] >= 2:
@@ -376,7 +377,8 @@ class WorkerPool:
                 slot = job.fill.slot
                 for row, path in job.rows:
                     if self.ring.status[slot, row] == BUSY and now - self.ring.started[slot, row] > self.image_timeout:
-                        print(f"warning: worker {w.wid} spent over {self.image_timeout:g} s on {path}; killing it",
+                        print(f"warning: worker {w.wid} spent over {self.image_timeout:g} s on {describe(path)}; "
+                              "killing it",
                               file=sys.stderr)
                         w.timed_out = now - self.ring.started[slot, row]
                         w.proc.kill()
