@@ -88,3 +88,28 @@ def write_parquet(items: Sequence[Item], out: str, shard_size: int = 1000, prefi
         pq.write_table(pa.Table.from_arrays([images, labels], schema=schema), path, row_group_size=row_group)
         written.append(path)
     return written
+
+
+CONTAINERS = ("tar", "wds", "parquet")
+
+
+def convert(folder: str, out: str, container: str, shard_size: int = 1000, labels: str = None) -> List[str]:
+    """Write the images of a folder dataset (ImageFolder, or flat with `labels` / val_label.txt) into
+    `out` as `container`, in the dataset's order. tar: one tar keeping the relative paths
+    (class folders stay folders; a flat set also gets `val_label.txt` beside it)."""
+    from engine.pipeline.dataset import build_dataset
+
+    ds = build_dataset(folder, labels)
+    os.makedirs(out, exist_ok=True)
+    if container == "tar":
+        items = [(ds.abspath(i), ds.paths[i].replace(os.sep, "/"), int(ds.labels[i])) for i in range(len(ds))]
+        path = write_tar(items, os.path.join(out, "ILSVRC2012_img_val.tar"))
+        if ds.layout == "flat":
+            with open(os.path.join(out, "val_label.txt"), "w", encoding="utf-8") as f:
+                f.writelines(f"{os.path.basename(n)} {label}\n" for _, n, label in items)
+        return [path]
+    if container == "wds":
+        return write_wds(items_of(ds), out, shard_size)
+    if container == "parquet":
+        return write_parquet(items_of(ds), out, shard_size)
+    raise ValueError(f"unknown container {container!r}; expected one of {', '.join(CONTAINERS)}")
