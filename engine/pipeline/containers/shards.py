@@ -101,7 +101,9 @@ def classify(data: str) -> Optional[str]:
         fs, path = _fs(data)
         try:
             names = [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-        except (FileNotFoundError, OSError) as e:
+        except FileNotFoundError:
+            raise _err(f"--data {data}: no such object or prefix") from None
+        except OSError as e:
             raise _err(f"--data {data}: cannot list it ({e})") from None
         found = _folder_kind(names)
         if found is None:
@@ -181,7 +183,9 @@ def _remote(item: str, suffixes) -> List[str]:
     else:
         try:
             found = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(suffixes))
-        except (FileNotFoundError, OSError) as e:
+        except FileNotFoundError:
+            raise _err(f"--data {item}: no such object or prefix") from None
+        except OSError as e:
             raise _err(f"--data {item}: cannot list it ({e})") from None
     return [f"{protocol}://{p}" for p in found]
 
