@@ -184,7 +184,9 @@ class ByteReader:
         else:
             source = path
         try:
-            pf = pq.ParquetFile(source)
+            # memory-mapped: a row group's column chunk is read from the page cache without a copy
+            # into fresh memory (about half the cost of a row group read)
+            pf = pq.ParquetFile(source, memory_map=not is_url(path))
         except OSError:
             raise
         except Exception as e:  # pyarrow's ArrowInvalid for a damaged footer
@@ -202,7 +204,7 @@ class ByteReader:
             return col
         pf = self._parquet_file(path)
         try:
-            table = pf.read_row_group(group, columns=["image"])
+            table = pf.read_row_group(group, columns=["image"], use_threads=False)  # workers are single-threaded
         except OSError:
             raise
         except Exception as e:

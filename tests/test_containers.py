@@ -458,3 +458,44 @@ def test_make_dataset_writes_containers(tmp_path, container):
     np.testing.assert_array_equal(ds.labels, ref.labels)
     assert len(set(ds.container.files)) == (1 if container == "tar" else 3)
     assert not (out / ".make-dataset-files").exists()
+
+
+# -- the workers' Parquet reads, make-cache and run-bench --e2e ------------------------------------
+def test_a_chunk_of_parquet_rows_reads_its_row_group_once(sets, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from engine.pipeline.pool import _chunks
+
+    ds = build_dataset(*sets["parquet"])  # row groups of 5 rows, shards of 16
+    calls = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: calls.append(i) or real(self, i, *a, **k))
+    reader = ByteReader()
+    for i in range(16):
+        reader.read(ds.locator(i))
+    assert calls == [0, 1, 2, 3]  # a row group per 5 rows, never one per image
+    # the pool's jobs never span two row groups (nor two shards)
+    jobs = _chunks(list(range(14)), 16, ds, 12)  # dataset rows 12..25: groups 2, 3 of shard 0, then 0, 1 of shard 1
+    assert [[12 + r for r in j] for j in jobs] == [[12, 13, 14], [15], [16, 17, 18, 19, 20], [21, 22, 23, 24, 25]]
+    folder = build_dataset(*sets["folder"])
+    assert _chunks(list(range(20)), 8, folder, 0) == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+
+
+def test_make_cache_and_run_bench_take_containers(sets, tmp_path, capsys):
+    cache = str(tmp_path / "px")
+    args = [os.path.join(ROOT, "bin", "make-cache"), "--data", sets["wds"][0], "--pixel-cache", cache,
+            "--resize", "64", "--crop", "56", "--workers", "2", "--batch-size", "8", "--no-progress"]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(args[:-1])
+    assert r.returncode == 0 and f"{N} already cached, 0 to decode" in r.stderr, r.stderr
+    from engine.bench import run_bench_main
+
+    js = str(tmp_path / "e.json")
+    status = run_bench_main(["--backend", "sim", "--sim-batch-ms", "1", "--batch-sizes", "8", "--iterations", "2",
+                             "--e2e", sets["parquet"][0], "--limit", "20", "--workers", "2", "--json", js])
+    assert status == 0
+    assert json.load(open(js))["results"][0]["end_to_end_img_per_s"] > 0
+    with pytest.raises(SystemExit):
+        run_bench_main(["--backend", "sim", "--e2e", str(tmp_path / "missing.tar")])
+    assert "no such file" in capsys.readouterr().err

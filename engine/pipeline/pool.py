@@ -110,6 +110,22 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
 
 
+def _chunks(todo: List[int], size: int, ds: Dataset, start: int) -> List[List[int]]:
+    """The rows of a fill in jobs of at most `size`. Parquet rows: a job never spans two row groups
+    (a worker reads a row group's images once per job it gets, engine/pipeline/containers/)."""
+    c = ds.container
+    if c is None or c.read != "parquet":
+        return [todo[lo:lo + size] for lo in range(0, len(todo), size)]
+    out: List[List[int]] = []
+    for r in todo:
+        key = (int(c.file_ids[start + r]), int(c.a[start + r]))
+        if not out or len(out[-1]) >= size or key != last:
+            out.append([])
+        out[-1].append(r)
+        last = key
+    return out
+
+
 class WorkerPool:
     """`workers` single-threaded decode processes writing into `ring`."""
 
@@ -224,8 +240,8 @@ class WorkerPool:
             fut.set_result(f)
             return fut
         self._fills[slot] = f
-        for lo in range(0, len(todo), self.chunk):
-            chunk = [(r, ds.locator(start + r)) for r in todo[lo:lo + self.chunk]]
+        for rows_ in _chunks(todo, self.chunk, ds, start):
+            chunk = [(r, ds.locator(start + r)) for r in rows_]
             job = _Job(self._next_job, f, chunk)
             self._next_job += 1
             f.pending.add(job.id)
