@@ -11,8 +11,9 @@ Timed from the first batch (worker start-up and the first reads excluded), round
 (folder, wds, parquet, folder, ...) so drift on a shared machine hits all three alike, best of
 `--repeat`. Every file is read once before timing (page cache warm for all). Prints img/s and
 the ratios to the folder; the target is >= 0.95 for each. Beside it, the workers' CPU time per
-image (getrusage of the reaped workers, start-up included): on a machine shared with other work
-the wall-clock rates move with the load, the CPU cost per image much less.
+image past start-up (getrusage of the reaped workers: a full run minus a run of the first two
+batches, over the images between): on a machine shared with other work the wall-clock rates move
+with the load, the CPU cost per image much less.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def containers(folder: str, shard_size: int):
 
     out = {}
     for kind in ("wds", "parquet"):
-        where = os.path.join(ROOT, ".cache", f"{os.path.basename(folder)}-{kind}-{shard_size}")
+        where = os.path.join(ROOT, ".cache", f"{os.path.basename(folder)}-{kind}-{shard_size}-v2")
         done = os.path.join(where, ".complete")
         if not os.path.exists(done):
             convert(folder, where, kind, shard_size)
@@ -57,6 +58,14 @@ def from_first_batch(stats) -> float:
     return sum(b.images for b in batches[1:]) / (t1 - t0)
 
 
+def workers_cpu(run):
+    """(CPU seconds of the worker processes `run` started and reaped, its result)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, reaped by pool.close()
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -72,15 +81,16 @@ def main(argv=None) -> int:
         warm(data)
     rates = {k: [] for k in layouts}
     cpu = {k: [] for k in layouts}
+    small = 2 * a.batch_size
     for _ in range(a.repeat):
         for name, data in layouts.items():
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            n, secs, stats, _ = run_pool(data, a.workers, a.batch_size)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, reaped by pool.close()
+            full_cpu = workers_cpu(lambda: run_pool(data, a.workers, a.batch_size))
+            n, secs, stats, _ = full_cpu[1]
             assert n == a.images, (name, n)
             rates[name].append(from_first_batch(stats))
-            used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            cpu[name].append(1e3 * used / n)
+            start_cpu = workers_cpu(lambda: run_pool(data, a.workers, a.batch_size, limit=small))
+            # the workers' CPU per image past start-up: (all images - the first `small`) / the difference
+            cpu[name].append(1e3 * (full_cpu[0] - start_cpu[0]) / (n - small))
     best = {k: max(v) for k, v in rates.items()}
     least = {k: min(v) for k, v in cpu.items()}
     load = os.getloadavg()

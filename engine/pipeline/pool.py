@@ -70,6 +70,7 @@ class _Job:
     id: int
     fill: Fill
     rows: List[Tuple[int, str]]
+    group: Optional[Tuple[int, int]] = None  # Parquet: (shard, row group) its rows are in (`_take`)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class WorkerPool:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watchdog: Optional[asyncio.TimerHandle] = None
         self._ready_waiters: List[asyncio.Future] = []
+        self._owners: Dict[Tuple[int, int], int] = {}  # Parquet row group -> the worker that read it
 
     # -- start -------------------------------------------------------------------------------
     async def start(self, timeout: float = 120.0) -> None:
@@ -240,9 +242,12 @@ class WorkerPool:
             fut.set_result(f)
             return fut
         self._fills[slot] = f
+        parquet = ds.container is not None and ds.container.read == "parquet"
         for rows_ in _chunks(todo, self.chunk, ds, start):
             chunk = [(r, ds.locator(start + r)) for r in rows_]
-            job = _Job(self._next_job, f, chunk)
+            group = (int(ds.container.file_ids[start + rows_[0]]), int(ds.container.a[start + rows_[0]])) \
+                if parquet else None
+            job = _Job(self._next_job, f, chunk, group)
             self._next_job += 1
             f.pending.add(job.id)
             self.queue.append(job)
@@ -260,12 +265,39 @@ class WorkerPool:
             if not ready:
                 return
             w = min(ready, key=lambda w: len(w.jobs))
-            job = self.queue.popleft()
+            job = self._take(w)
             w.jobs[job.id] = job
             try:
                 w.conn.send((job.id, job.fill.slot, job.rows))
             except OSError:
                 self._on_death(w)
+
+    def _take(self, w: _Worker) -> _Job:
+        """The next job for worker `w`: the queue's head, except for Parquet rows, where a job of a
+        row group `w` already read (or of one no live worker holds) a little further on comes
+        first, so each row group is read by as few workers as keep everyone busy (a worker
+        reads a whole row group for any of its rows). Never idles a worker: with nothing of its
+        own in sight, it takes the head."""
+        queue = self.queue
+        if queue[0].group is None:
+            return queue.popleft()
+        pick = None
+        for k in range(min(len(queue), 4 * max(1, self.size))):
+            owner = self._owners.get(queue[k].group)
+            if owner == w.wid:
+                pick = k
+                break
+            if pick is None and (owner is None or owner not in self.workers):
+                pick = k
+        job = queue[pick or 0]
+        del queue[pick or 0]
+        owner = self._owners.get(job.group)
+        if owner is None or owner not in self.workers:
+            self._owners[job.group] = w.wid
+            if len(self._owners) > 4096:  # old row groups: forget the oldest half
+                for key in list(self._owners)[:2048]:
+                    del self._owners[key]
+        return job
 
     # -- messages ----------------------------------------------------------------------------
     def _on_readable(self, w: _Worker) -> None:
@@ -355,7 +387,7 @@ class WorkerPool:
                 status[row] = EMPTY
                 redo.append((row, path))
             if redo:
-                again = _Job(self._next_job, f, redo)
+                again = _Job(self._next_job, f, redo, job.group)
                 self._next_job += 1
                 f.pending.add(again.id)
                 self.queue.appendleft(again)
