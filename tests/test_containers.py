@@ -499,3 +499,23 @@ def test_make_cache_and_run_bench_take_containers(sets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_bench_main(["--backend", "sim", "--e2e", str(tmp_path / "missing.tar")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_workers_keep_to_the_row_groups_they_read():
+    """The pool's job choice for Parquet rows: a worker's own row group first, then one nobody holds,
+    else the head of the queue (a worker never waits while there is work)."""
+    import collections
+    from types import SimpleNamespace
+
+    from engine.pipeline.pool import WorkerPool, _Job
+
+    pool = WorkerPool.__new__(WorkerPool)
+    groups = [(0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 2), (0, 0)]
+    pool.queue = collections.deque(_Job(k, None, [], g) for k, g in enumerate(groups))
+    pool._owners, pool.size = {}, 2
+    a, b = SimpleNamespace(wid=0), SimpleNamespace(wid=1)
+    pool.workers = {0: a, 1: b}
+    order = [(w.wid, pool._take(w).id) for w in (a, b, a, b, b, b, a)]
+    assert order == [(0, 0), (1, 3), (0, 1), (1, 4), (1, 5), (1, 2), (0, 6)]
+    pool.queue = collections.deque([_Job(9, None, [], None), _Job(10, None, [], (0, 0))])
+    assert pool._take(b).id == 9  # files and tar members: the head, as always
