@@ -104,8 +104,7 @@ def test_pool_gives_the_folders_logits(sets, layout):
         assert got[i][2] == ref[i][2]
 
 
-@pytest.fixture(scope="module")
-def hue_model(tmp_path_factory):
+def make_hue_model(path: str) -> str:
     """A TorchScript model that scores the synthetic classes by their hue (so counts are not zero)."""
     torch = pytest.importorskip("torch")
     from engine.synthetic import _class_hue, _hsv
@@ -123,13 +122,17 @@ def hue_model(tmp_path_factory):
         def forward(self, x):
             return x.mean(dim=(2, 3)) @ self.w
 
-    path = str(tmp_path_factory.mktemp("hue") / "hue.ts")
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice on the main stack
         torch.jit.trace(Hue(), torch.zeros(1, 3, 56, 56)).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def hue_model(tmp_path_factory):
+    return make_hue_model(str(tmp_path_factory.mktemp("hue") / "hue.ts"))
 
 
 def _eval(data, labels, model, out, *extra):
@@ -306,7 +309,8 @@ def test_compressed_tar_and_train_tar_are_refused_with_what_to_do(sets, tmp_path
 
 def test_parquet_folder_of_several_splits_is_refused(sets, tmp_path):
     shutil.copytree(sets["parquet"][0], tmp_path / "data")
-    shutil.copy(tmp_path / "data" / "validation-00000-of-00003.parquet", tmp_path / "data" / "train-00000-of-00001.parquet")
+    shutil.copy(tmp_path / "data" / "validation-00000-of-00003.parquet",
+                tmp_path / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(DatasetError, match="several splits.*validation-\\*.parquet"):
         build_dataset(str(tmp_path / "data"))
     assert len(build_dataset(str(tmp_path / "data" / "validation-*.parquet"))) == N
@@ -469,7 +473,8 @@ def test_a_chunk_of_parquet_rows_reads_its_row_group_once(sets, monkeypatch):
     ds = build_dataset(*sets["parquet"])  # row groups of 5 rows, shards of 16
     calls = []
     real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, *a, **k: calls.append(i) or real(self, i, *a, **k))
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: calls.append(i) or real(self, i, *a, **k))
     reader = ByteReader()
     for i in range(16):
         reader.read(ds.locator(i))

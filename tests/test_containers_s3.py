@@ -22,7 +22,7 @@ from engine.pipeline.containers.write import items_of, write_parquet, write_tar,
 from engine.pipeline.dataset import DatasetError, build_dataset, build_unlabelled  # noqa: E402
 from preprocess.containers import ByteReader  # noqa: E402
 from tests.conftest import ROOT, run_cli  # noqa: E402
-from tests.test_containers import CLASSES, N, hue_model  # noqa: E402,F401 (the model fixture)
+from tests.test_containers import CLASSES, N, make_hue_model  # noqa: E402
 
 EVAL = os.path.join(ROOT, "bin", "run-eval")
 SCORE = os.path.join(ROOT, "bin", "run-score")
@@ -67,6 +67,11 @@ def s3(tmp_path_factory):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def hue_model(tmp_path_factory):
+    return make_hue_model(str(tmp_path_factory.mktemp("hue") / "hue.ts"))
 
 
 @pytest.mark.parametrize("data", ["s3://bucket/wds", "s3://bucket/wds/val-{000000..000002}.tar", "s3://bucket/parquet",

@@ -28,56 +28,15 @@ Odd entries, as torchvision's ImageFolder, except where it would crash or loop:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engine.classes import imagenet_classes, wnid_to_index
-
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-LABEL_FILE_NAMES = ("val_label.txt",)
-UNLABELLED = -1
-
-
-class DatasetError(ValueError):
-    """The data or label paths are unusable; the message says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """An ordered list of image files (relative to `root`) with integer labels (-1: none)."""
-
-    root: str
-    paths: Tuple[str, ...]
-    labels: np.ndarray
-    class_names: Tuple[str, ...]  # display name per class index
-    layout: str
-    # engine.pipeline.containers.Container: where each image's bytes are in tar or Parquet files
-    # (then `paths` are names like `val-000003.tar:KEY`); None: loose files under `root`
-    container: Optional[Any] = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def abspath(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i])
-
-    def locator(self, i: int):
-        """What a worker reads image i by (preprocess/containers.py): a path, or a container position."""
-        if self.container is None:
-            return os.path.join(self.root, self.paths[i])
-        return self.container.locator(i, self.paths[i])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
+from engine.classes import wnid_to_index
+from engine.pipeline.containers.devkit import read_labels
+from engine.pipeline.images import (IMG_EXTENSIONS, LABEL_FILE_NAMES, UNLABELLED, Dataset,  # noqa: F401 (the API)
+                                    DatasetError, few as _few, imagenet_names as _imagenet_names,
+                                    is_image_name as _is_image_name, read_label_file)
 
 def _sort_key(rel: str) -> Tuple[str, str]:
     return (os.path.basename(rel), rel)
@@ -92,10 +51,6 @@ def _finish(root: str, pairs: List[Tuple[str, int]], class_names, layout: str, l
     paths = tuple(p for p, _ in pairs)
     labels = np.fromiter((l for _, l in pairs), dtype=np.int64, count=len(pairs))
     return Dataset(root=root, paths=paths, labels=labels, class_names=tuple(class_names), layout=layout)
-
-
-def _imagenet_names() -> Tuple[str, ...]:
-    return tuple(name for _, name in imagenet_classes())
 
 
 def _image_folder(root: str, class_dirs: Sequence[str], limit: Optional[int]) -> Dataset:
@@ -143,50 +98,6 @@ def _walk_images(base: str):
         dirnames.sort()
         images = [n for n in filenames if _is_image_name(n)] + [n for n in dirnames if _is_image_name(n)]
         yield dirpath, images
-
-
-def read_label_file(path: str) -> List[Tuple[str, int]]:
-    """Parse `FILENAME INDEX` lines; blank lines and `#` comments are skipped."""
-    entries: List[Tuple[str, int]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DatasetError(f"--labels {path}: cannot read ({e.strerror or e})")
-    except UnicodeDecodeError:
-        raise DatasetError(f"--labels {path}: not a text file (expected lines 'FILENAME INDEX')")
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            raise DatasetError(f"--labels {path}:{number}: expected 'FILENAME INDEX', got {line!r}")
-        name, index = parts
-        try:
-            label = int(index)
-        except ValueError:
-            raise DatasetError(f"--labels {path}:{number}: class index {index!r} is not an integer")
-        if label < 0:
-            raise DatasetError(f"--labels {path}:{number}: class index {label} is negative")
-        entries.append((name, label))
-    if not entries:
-        raise DatasetError(f"--labels {path}: no 'FILENAME INDEX' lines")
-    return entries
-
-
-def read_labels(path: str) -> List[Tuple[str, int]]:
-    """`--labels`: `FILENAME INDEX` lines, or the ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz)."""
-    from engine.pipeline.containers.devkit import devkit_labels, is_devkit
-
-    if is_devkit(path):
-        return devkit_labels(path)
-    return read_label_file(path)
-
-
-def _few(items: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_classes: int) -> Dataset:

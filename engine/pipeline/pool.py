@@ -118,6 +118,7 @@ def _chunks(todo: List[int], size: int, ds: Dataset, start: int) -> List[List[in
     if c is None or c.read != "parquet":
         return [todo[lo:lo + size] for lo in range(0, len(todo), size)]
     out: List[List[int]] = []
+    last = None
     for r in todo:
         key = (int(c.file_ids[start + r]), int(c.a[start + r]))
         if not out or len(out[-1]) >= size or key != last:

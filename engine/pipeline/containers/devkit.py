@@ -15,14 +15,13 @@ import tarfile
 from typing import Dict, List, Tuple
 
 from engine.classes import wnid_to_index
+from engine.pipeline.images import DatasetError, read_label_file
 
 META = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 
 
 def _err(msg: str):
-    from engine.pipeline.dataset import DatasetError
-
     return DatasetError(msg)
 
 
@@ -77,3 +76,10 @@ def devkit_labels(path: str) -> List[Tuple[str, int]]:
             raise _err(f"--labels {path}: {wnid} (id {line}) is not an ImageNet-1k class")
         entries.append(("ILSVRC2012_val_%08d" % number, table[wnid]))
     return entries
+
+
+def read_labels(path: str) -> List[Tuple[str, int]]:
+    """`--labels`: `FILENAME INDEX` lines, or the ImageNet devkit (ILSVRC2012_devkit_t12.tar.gz)."""
+    if is_devkit(path):
+        return devkit_labels(path)
+    return read_label_file(path)

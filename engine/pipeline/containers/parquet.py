@@ -13,14 +13,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from engine.pipeline.containers import PARQUET, Container, check_labels, finish, shard_name
+from engine.pipeline.containers.index import PARQUET, UNOPENED, Container, check_labels, finish, shard_name
+from engine.pipeline.images import DatasetError, imagenet_names
 from engine.pipeline.containers.shards import file_stat
 from preprocess.containers import filesystem, is_url
 
 
 def _err(msg: str):
-    from engine.pipeline.dataset import DatasetError
-
     return DatasetError(msg)
 
 
@@ -56,8 +55,6 @@ def _check_schema(shard: str, pf) -> None:
 
 def parquet_dataset(data: str, files: List[str], root: str, labels: Optional[str], limit: Optional[int],
                     num_classes: int, labelled: bool):
-    from engine.pipeline.dataset import _imagenet_names
-
     if labels is not None:
         raise _err(f"--labels {labels}: Parquet shards carry their labels (the `label` column); leave --labels out")
     names: List[str] = []
@@ -83,8 +80,6 @@ def parquet_dataset(data: str, files: List[str], root: str, labels: Optional[str
             label_list.append(-1)
             fids.append(fid)
             a.append(-1)
-            from engine.pipeline.containers import UNOPENED
-
             b.append(UNOPENED + len(reasons))
             reasons.append(f"the shard {shard} cannot be opened ({e})")
             continue
@@ -109,7 +104,7 @@ def parquet_dataset(data: str, files: List[str], root: str, labels: Optional[str
             label_list.extend([-1] * row)
     container = Container("parquet", PARQUET, tuple(files), tuple(stats), np.asarray(fids, np.int32),
                           np.asarray(a, np.int64), np.asarray(b, np.int64), tuple(reasons))
-    class_names = _imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
+    class_names = imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
     if not labelled:
         return finish(root, names, label_list, container, class_names, "unlabelled", limit)
     if no_label_column:

@@ -15,6 +15,7 @@ import os
 import re
 from typing import List, Optional, Tuple
 
+from engine.pipeline.images import DatasetError, is_image_name
 from preprocess.containers import filesystem, is_url
 
 TAR_SUFFIXES = (".tar",)
@@ -25,8 +26,6 @@ _SPLIT = re.compile(r"^(.*?)-\d+(?:-of-\d+)?\.parquet$")
 
 
 def _err(msg: str):
-    from engine.pipeline.dataset import DatasetError
-
     return DatasetError(msg)
 
 
@@ -114,9 +113,7 @@ def classify(data: str) -> Optional[str]:
         entries = os.listdir(data)
         if any(os.path.isdir(os.path.join(data, e)) for e in entries):
             return None  # class folders: an ImageFolder
-        from engine.pipeline.dataset import _is_image_name
-
-        if any(_is_image_name(e) for e in entries):
+        if any(is_image_name(e) for e in entries):
             return None
         return _folder_kind(entries)
     if os.path.isfile(data):
@@ -135,7 +132,7 @@ def _fs(url: str):
 
 def list_shards(data: str, kind: str) -> Tuple[List[str], str]:
     """(the container files, in order, as absolute paths or URLs; the root reports name them by)."""
-    from engine.pipeline.containers import common_root
+    from engine.pipeline.containers.index import common_root
 
     suffixes = PARQUET_SUFFIXES if kind == "parquet" else TAR_SUFFIXES + COMPRESSED
     files: List[str] = []

@@ -29,7 +29,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from engine.pipeline.containers import NO_IMAGE, NOT_REGULAR, UNOPENED, Container, check_labels, finish, shard_name
+from engine.pipeline.containers.index import (NO_IMAGE, NOT_REGULAR, UNOPENED, Container, check_labels, finish,
+                                              shard_name)
+from engine.pipeline.images import DatasetError, few, imagenet_names, is_image_name
 from engine.pipeline.containers.shards import COMPRESSED, file_stat
 from preprocess.containers import RANGE, filesystem, is_url
 
@@ -45,8 +47,6 @@ class TarIndexError(OSError):
 
 
 def _err(msg: str):
-    from engine.pipeline.dataset import DatasetError
-
     return DatasetError(msg)
 
 
@@ -213,11 +213,9 @@ def _wds(rows: _Rows, shard: str, fid: int, ix) -> None:
 
 
 def _members(rows: _Rows, shard: str, fid: int, ix) -> None:
-    from engine.pipeline.dataset import _is_image_name
-
     for name, off, size, reg in zip(ix["names"], ix["offsets"], ix["sizes"], ix["regular"]):
         name = str(name)
-        if not _is_image_name(name):
+        if not is_image_name(name):
             continue
         if reg:
             rows.add(f"{shard}:{name}", -1, fid, int(off), int(size), name)
@@ -239,8 +237,6 @@ def _class_of(members: List[str]) -> Optional[List[str]]:
 
 def tar_dataset(data: str, files: List[str], root: str, labels: Optional[str], limit: Optional[int],
                 num_classes: int, labelled: bool):
-    from engine.pipeline.dataset import _imagenet_names
-
     rows = _Rows()
     stats: List[Tuple[int, int]] = []
     layouts = set()
@@ -280,7 +276,7 @@ def tar_dataset(data: str, files: List[str], root: str, labels: Optional[str], l
     layout = layouts.pop() if layouts else "tar"
     container = Container(layout, RANGE, tuple(files), tuple(stats), np.asarray(rows.fids, np.int32),
                           np.asarray(rows.a, np.int64), np.asarray(rows.b, np.int64), tuple(rows.reasons))
-    names_1k = _imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
+    names_1k = imagenet_names() if num_classes == 1000 else tuple(str(i) for i in range(num_classes))
     if not labelled:
         return finish(root, rows.names, [-1] * len(rows.names), container, names_1k, "unlabelled", limit)
     if layout == "wds":
@@ -296,7 +292,7 @@ def tar_dataset(data: str, files: List[str], root: str, labels: Optional[str], l
         table = wnid_to_index()
         found = sorted(set(classes))
         if all(c in table for c in found):
-            index_of, class_names = {c: table[c] for c in found}, _imagenet_names()
+            index_of, class_names = {c: table[c] for c in found}, imagenet_names()
         else:
             index_of, class_names = {c: i for i, c in enumerate(found)}, tuple(found)
         for i, c in zip(real, classes):
@@ -313,7 +309,7 @@ def tar_dataset(data: str, files: List[str], root: str, labels: Optional[str], l
 
 def _match_labels(rows: _Rows, real: List[int], labels: str, data: str, num_classes: int) -> None:
     """Labels of a flat tar's members by member name (or its stem), as a flat folder's files."""
-    from engine.pipeline.dataset import _few, read_labels
+    from engine.pipeline.containers.devkit import read_labels
 
     entries = read_labels(labels)
     by_name: Dict[str, int] = {}
@@ -339,11 +335,11 @@ def _match_labels(rows: _Rows, real: List[int], labels: str, data: str, num_clas
             unlabelled.append(rows.names[i])
     if unlabelled:
         raise _err(f"--data {data}: {len(unlabelled)} image(s) have no line in --labels {labels}: "
-                   f"{_few(unlabelled)} (add them to the label file)")
+                   f"{few(unlabelled)} (add them to the label file)")
     missing = [n for n, _ in entries
                if os.path.basename(n) not in used and os.path.splitext(os.path.basename(n))[0] not in used]
     if missing and len(missing) == len(entries):
-        raise _err(f"--labels {labels} names none of the images in {data} (first: {_few(missing)})")
+        raise _err(f"--labels {labels} names none of the images in {data} (first: {few(missing)})")
     if missing:  # a truncated tar lost them, or the label file is for a bigger set
-        print(f"warning: --labels {labels} names {len(missing)} image(s) that are not in {data}: {_few(missing)}",
+        print(f"warning: --labels {labels} names {len(missing)} image(s) that are not in {data}: {few(missing)}",
               file=sys.stderr)
