@@ -491,7 +491,7 @@ class PixelCache:
         self.key = pixel_key(spec, max_image_pixels, dataset.root)
         container = getattr(dataset, "container", None)
         if container is not None:  # tar / Parquet images: keyed by container position (containers/)
-            self.key["data"] = dataset.root
+            self.key["data"] = dataset.root if "://" in dataset.root else os.path.realpath(dataset.root)
             self.key["container"] = container.layout
         h, w = self.shape[:2]
         self.dir = os.path.join(os.path.abspath(root), f"{h}x{w}-{spec.decode}-{_key_hash(self.key)}")
