@@ -32,6 +32,17 @@ N, CLASSES = 40, 5
 
 
 @pytest.fixture(scope="module")
+def index_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("index-cache"))
+
+
+@pytest.fixture(autouse=True)
+def own_cache(index_cache, monkeypatch):
+    """Tar indexes (and pixel caches) of these tests go to a folder of their own, not ~/.cache."""
+    monkeypatch.setenv("IMAGENET_ENGINE_CACHE", index_cache)
+
+
+@pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """{layout: (--data, --labels)} for the same 40 images (5 classes) in every layout."""
     from engine.synthetic import make_dataset
