@@ -18,7 +18,10 @@ SETUP_FLAGS ?= --ray
 PYTEST_FLAGS ?= -q -ra -p no:cacheprovider --timeout=300
 TESTS        ?= tests
 
-EVAL_DATA    ?= .cache/synthetic-val
+# EVAL_CONTAINER=tar|wds|parquet: the same images in that container (make-dataset --container)
+EVAL_CONTAINER ?=
+EVAL_DATA    ?= .cache/synthetic-val$(if $(EVAL_CONTAINER),-$(EVAL_CONTAINER))
+EVAL_INPUT    = $(if $(filter tar,$(EVAL_CONTAINER)),$(EVAL_DATA)/ILSVRC2012_img_val.tar --labels $(EVAL_DATA)/val_label.txt,$(EVAL_DATA))
 EVAL_IMAGES  ?= 400
 EVAL_CLASSES ?= 50
 EVAL_MODEL   ?= resnext50_32x4d
@@ -55,13 +58,14 @@ test: setup lint
 
 eval: setup $(EVAL_DATA)
 	@mkdir -p $(dir $(EVAL_JSON))
-	$(PY) bin/run-eval --data $(EVAL_DATA) --model $(EVAL_MODEL) --backend $(EVAL_BACKEND) \
+	$(PY) bin/run-eval --data $(EVAL_INPUT) --model $(EVAL_MODEL) --backend $(EVAL_BACKEND) \
 		--workers $(EVAL_WORKERS) --batch-size $(EVAL_BATCH) --json $(EVAL_JSON) $(EVAL_FLAGS)
 
 # Made once: the folder's existence is the stamp; a failed run leaves no folder behind.
 $(EVAL_DATA): | $(STAMP)
 	@mkdir -p $(dir $(EVAL_DATA))
-	$(PY) bin/make-dataset $@ --images $(EVAL_IMAGES) --classes $(EVAL_CLASSES) || { rm -rf $@; exit 1; }
+	$(PY) bin/make-dataset $@ --images $(EVAL_IMAGES) --classes $(EVAL_CLASSES) \
+		$(if $(EVAL_CONTAINER),--container $(EVAL_CONTAINER) --layout flat) || { rm -rf $@; exit 1; }
 
 bench: setup
 	@if [ -z "$(strip $(BENCHES))" ]; then echo "make bench: no benchmarks in bench/ yet"; fi

@@ -200,7 +200,8 @@ def bench_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", metavar="PATH", help="write {\"results\": [...], \"config\": {...}}")
     g.add_argument("--plot", metavar="PNG", help="img/s against batch size (needs matplotlib)")
     e = p.add_argument_group("end to end (--e2e)")
-    e.add_argument("--e2e", metavar="DATA", help="also run run-eval on this image folder at every batch size")
+    e.add_argument("--e2e", metavar="DATA", help="also run run-eval on this data at every batch size (an image "
+                   "folder, a tar, WebDataset or Parquet shards: as run-eval's --data)")
     e.add_argument("--labels", metavar="FILE", help="for a flat --e2e folder: lines 'FILENAME INDEX'")
     e.add_argument("--limit", type=positive_int, help="only the first N images of --e2e")
     add_pipeline_args(p, title="pipeline of --e2e", exclude=("batch_size", "compute_only_iters", "progress"))
@@ -220,8 +221,15 @@ def _run_bench_command(argv: Optional[List[str]]) -> int:
     a = p.parse_args(argv)
     if a.warmup < 0:
         p.error("--warmup must not be negative")
-    if a.e2e and not os.path.isdir(a.e2e):
-        p.error(f"--e2e {a.e2e}: no such folder")
+    from engine.pipeline.containers import is_container_spec
+    from engine.pipeline.dataset import DatasetError
+
+    try:
+        container = bool(a.e2e) and is_container_spec(a.e2e)  # a tar, shards, Parquet (containers/)
+    except DatasetError as e:
+        p.error(str(e))
+    if a.e2e and not container and not os.path.isdir(a.e2e):
+        p.error(f"--e2e {a.e2e}: no such folder (or tar, WebDataset or Parquet shards)")
     if a.plot:
         check_plotting()
     cfg = config_from_args(a, data=a.e2e, labels=a.labels, limit=a.limit)

@@ -211,10 +211,15 @@ def pixel_cache_dir(a: argparse.Namespace) -> Optional[str]:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DIR", help="ImageFolder root (DIR/<class>/<image>) or a flat folder")
+    g.add_argument("--data", metavar="DATA",
+                   help="ImageFolder root (DIR/<class>/<image>), a flat folder, a tar of images "
+                        "(ILSVRC2012_img_val.tar), WebDataset shards (X.tar, 'val-{000000..000063}.tar', A.tar::B.tar), "
+                        "Parquet shards (a folder or 'DIR/validation-*.parquet'), local or s3://... (docs/usage.md)")
     g.add_argument("--labels", metavar="FILE",
-                   help="for a flat folder: lines 'FILENAME INDEX' (like val_label.txt)")
-    g.add_argument("--limit", type=positive_int, help="only the first N images (file-name order)")
+                   help="for a flat folder or tar: lines 'FILENAME INDEX' (like val_label.txt), or "
+                        "ILSVRC2012_devkit_t12.tar.gz")
+    g.add_argument("--limit", type=positive_int,
+                   help="only the first N images (folders: file-name order; containers: shard, then file order)")
 
 
 def preprocess_overrides(a: argparse.Namespace) -> dict:

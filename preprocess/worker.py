@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import os
 import signal
-import stat
 import sys
 import time
 import traceback
@@ -44,12 +43,12 @@ from multiprocessing.connection import Connection
 from typing import List, Optional, Tuple
 
 from preprocess.ringlayout import BUSY, FAILED, OK, RingView
+from preprocess.containers import ByteReader, describe, read_file  # noqa: F401 (read_file: the API)
 from preprocess.decode import DecodeError, preprocess_into
 
 FAULT_ENV = "IMAGENET_ENGINE_FAULT"
 FAULT_DIR_ENV = "IMAGENET_ENGINE_FAULT_DIR"
 FAULT_ACTIONS = ("segfault", "kill", "exit", "sleep", "raise")
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 Fault = Tuple[str, bool, str]  # (action, once, substring)
 
@@ -70,37 +69,12 @@ def _os_reason(e: OSError, path: str) -> str:
     return f"cannot read: {e.strerror or e}"
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "is a directory, not an image file"
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return f"not a regular file ({name})"
-    return "not a regular file"
-
-
-def read_file(path: str) -> bytes:
-    """The bytes of a regular file. Raises DecodeError for anything else, OSError if unreadable.
-
-    O_NONBLOCK: opening a FIFO must not wait for a writer; it has no effect on regular files.
-    """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DecodeError(_kind(st.st_mode))
-        chunks = []
-        left = st.st_size
-        while True:
-            chunk = os.read(fd, max(left, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def _container_reason(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "its container file is gone (deleted after the index was built?)"
+    if isinstance(e, PermissionError):
+        return "cannot read its container: permission denied"
+    return f"cannot read its container: {e.strerror or e}"
 
 
 def _die_with_parent() -> None:
@@ -168,22 +142,28 @@ def _inject(faults: List[Fault], path: str) -> None:
 
 
 def run_job(ring: RingView, slot: int, rows, resize: int, interpolation: str, mode: str,
-            max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None, place=None):
-    """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, path, traceback)).
+            max_pixels: Optional[int] = None, faults: Optional[List[Fault]] = None, place=None,
+            reader: Optional[ByteReader] = None):
+    """Fill the given rows of a slot. Returns (failures, None) or (failures, (row, name, traceback)).
+
+    `rows` are (row, locator) pairs (preprocess/containers.py: a path, a tar byte range, a Parquet
+    row), read by `reader` (one per worker: it keeps the containers open between jobs).
 
     `place(data, row)`, where given, puts an image's bytes into the slot instead of decoding them
     here (`--decode device`: `BytePlacer`); it raises what `preprocess_into` raises."""
     pixels, status, decode_ns = ring.pixels(slot), ring.status[slot], ring.decode_ns[slot]
     started = ring.started[slot]
     failures = []
-    for row, path in rows:
+    reader = reader if reader is not None else ByteReader()
+    for row, ref in rows:
+        path = describe(ref)
         started[row] = time.monotonic()  # for the parent's watchdog (a hung decode)
         status[row] = BUSY  # so the parent can tell which image a dead worker was decoding
         t = time.perf_counter_ns()
         try:
             if faults:
                 _inject(faults, path)
-            data = read_file(path)
+            data = reader.read(ref)
             if place is not None:
                 place(data, row)
             else:
@@ -196,7 +176,7 @@ def run_job(ring: RingView, slot: int, rows, resize: int, interpolation: str, mo
             failures.append((row, reason))
         except OSError as e:
             status[row] = FAILED
-            failures.append((row, _os_reason(e, path)))
+            failures.append((row, _os_reason(e, path) if isinstance(ref, str) else _container_reason(e)))
         except MemoryError:
             status[row] = FAILED
             failures.append((row, "out of memory while decoding (lower --workers, or --max-image-pixels)"))
@@ -317,6 +297,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     conn = Connection(a.fd)
     device = a.decode == "device"  # compressed bytes into the ring's arena (BytePlacer)
+    reader = ByteReader()  # this worker's open containers, kept between jobs
     ring = RingView.attach(a.ring, a.slots, a.batch, (a.crop[0], a.crop[1], 3), arena=-1 if device else 0)
     try:
         conn.send(("ready", os.getpid()))
@@ -331,7 +312,7 @@ def main(argv=None) -> int:
             t0 = time.monotonic()
             place = BytePlacer(ring, slot, rows, a.resize, a.interpolation, max_pixels) if device else None
             failures, error = run_job(ring, slot, rows, a.resize, a.interpolation, a.decode, max_pixels, faults,
-                                      place)
+                                      place, reader)
             if error is not None:
                 conn.send(("error", job_id) + error)
                 return 1

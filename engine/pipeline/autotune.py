@@ -35,21 +35,23 @@ def batch_fits(batch: int, slots: int, image_bytes: int, free: Optional[int]) ->
     return free is None or slots * batch * image_bytes <= SHM_SHARE * free
 
 
-def measure_decode(paths: Sequence[str], spec, sample: int = 32, budget_s: float = 1.5) -> Dict:
-    """One worker's decode rate: up to `sample` files spread over `paths`, in `spec`'s mode."""
+def measure_decode(paths: Sequence, spec, sample: int = 32, budget_s: float = 1.5) -> Dict:
+    """One worker's decode rate: up to `sample` images spread over `paths` (file paths or container
+    locators, preprocess/containers.py), in `spec`'s mode."""
     import numpy as np
 
+    from preprocess.containers import ByteReader
     from preprocess.decode import DecodeError, preprocess_into
 
     n = len(paths)
     picks = sorted({int(i) for i in np.linspace(0, n - 1, min(sample, n))}) if n else []
     out = np.zeros(spec.shape, dtype=np.uint8)
+    reader = ByteReader()
     done, spent = 0, 0.0
     for i in picks:
         t = time.perf_counter()
         try:
-            with open(paths[i], "rb") as f:
-                data = f.read()
+            data = reader.read(paths[i])
             # --decode device: the workers decode what the GPU is not given, in exact mode
             preprocess_into(data, out, spec.resize, spec.interpolation, "exact" if spec.decode == "device" else spec.decode)
         except (OSError, DecodeError):
@@ -58,6 +60,7 @@ def measure_decode(paths: Sequence[str], spec, sample: int = 32, budget_s: float
         done += 1
         if spent > budget_s and done >= 4:
             break
+    reader.close()
     return {"images": done, "seconds": spent, "img_per_s": done / spent if spent > 0 else 0.0,
             "mode": spec.decode}
 
@@ -148,7 +151,7 @@ def autotune(cfg, ds, backend, log=sys.stderr, create_backend=None):
     if prepared != cfg.pipeline.batch_size:
         backend.prepare(cfg.pipeline.batch_size)
     if auto_workers:
-        dec = measure_decode([ds.abspath(i) for i in range(len(ds))], cfg.preprocess)
+        dec = measure_decode([ds.locator(i) for i in range(len(ds))], cfg.preprocess)
         rate = rates.get(cfg.pipeline.batch_size) or measure_compute(backend, [cfg.pipeline.batch_size], prepare=False)[cfg.pipeline.batch_size]
         workers, why = choose_workers(dec["img_per_s"], rate, cores, cpu_backend=backend.name == "cpu",
                                       threads_measured=getattr(backend, "threads", 0))

@@ -9,6 +9,8 @@ Layouts:
 - Flat folder plus a label file, one `FILENAME INDEX` per line (the reference's
   `val_label.txt`); the file name may lack its extension.
 - Unlabelled: a folder searched recursively, or a text file with one path per line (scoring).
+- Containers (a tar of images, WebDataset shards, Parquet shards, in object storage too):
+  engine/pipeline/containers/, which the two builders below hand such a `--data` to.
 
 The order is fixed: by file name, then by relative path, so `--limit N` takes the first N
 validation images (`ILSVRC2012_val_00000001` onward), which span all classes.
@@ -28,48 +30,15 @@ Odd entries, as torchvision's ImageFolder, except where it would crash or loop:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engine.errors import UsageError
-from engine.classes import imagenet_classes, wnid_to_index
-
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-LABEL_FILE_NAMES = ("val_label.txt",)
-UNLABELLED = -1
-
-
-class DatasetError(UsageError):
-    """The data or label paths are unusable; the message says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """An ordered list of image files (relative to `root`) with integer labels (-1: none)."""
-
-    root: str
-    paths: Tuple[str, ...]
-    labels: np.ndarray
-    class_names: Tuple[str, ...]  # display name per class index
-    layout: str
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def abspath(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
+from engine.classes import wnid_to_index
+from engine.pipeline.containers.devkit import read_labels
+from engine.pipeline.images import (IMG_EXTENSIONS, LABEL_FILE_NAMES, UNLABELLED, Dataset,  # noqa: F401 (the API)
+                                    DatasetError, few as _few, imagenet_names as _imagenet_names,
+                                    is_image_name as _is_image_name, read_label_file)
 
 def _sort_key(rel: str) -> Tuple[str, str]:
     return (os.path.basename(rel), rel)
@@ -84,10 +53,6 @@ def _finish(root: str, pairs: List[Tuple[str, int]], class_names, layout: str, l
     paths = tuple(p for p, _ in pairs)
     labels = np.fromiter((label for _, label in pairs), dtype=np.int64, count=len(pairs))
     return Dataset(root=root, paths=paths, labels=labels, class_names=tuple(class_names), layout=layout)
-
-
-def _imagenet_names() -> Tuple[str, ...]:
-    return tuple(name for _, name in imagenet_classes())
 
 
 def numbered(folders: Sequence[str]) -> bool:
@@ -149,43 +114,8 @@ def _walk_images(base: str):
         yield dirpath, images
 
 
-def read_label_file(path: str) -> List[Tuple[str, int]]:
-    """Parse `FILENAME INDEX` lines; blank lines and `#` comments are skipped."""
-    entries: List[Tuple[str, int]] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DatasetError(f"--labels {path}: cannot read ({e.strerror or e})")
-    except UnicodeDecodeError:
-        raise DatasetError(f"--labels {path}: not a text file (expected lines 'FILENAME INDEX')")
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            raise DatasetError(f"--labels {path}:{number}: expected 'FILENAME INDEX', got {line!r}")
-        name, index = parts
-        try:
-            label = int(index)
-        except ValueError:
-            raise DatasetError(f"--labels {path}:{number}: class index {index!r} is not an integer")
-        if label < 0:
-            raise DatasetError(f"--labels {path}:{number}: class index {label} is negative")
-        entries.append((name, label))
-    if not entries:
-        raise DatasetError(f"--labels {path}: no 'FILENAME INDEX' lines")
-    return entries
-
-
-def _few(items: Sequence[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_classes: int) -> Dataset:
-    entries = read_label_file(label_file)
+    entries = read_labels(label_file)
     label_path = os.path.abspath(label_file)
     # a directory with an image name stays, so that a label line naming it is a failed image
     files = sorted(
@@ -230,9 +160,14 @@ def _flat_with_labels(root: str, label_file: str, limit: Optional[int], num_clas
 
 def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Optional[int] = None,
                   num_classes: int = 1000) -> Dataset:
-    """The labelled index of `data` (ImageFolder, or a flat folder with a label file)."""
+    """The labelled index of `data` (ImageFolder, or a flat folder with a label file, or a container)."""
     if not data:
         raise DatasetError("--data is required: a folder of class folders, or a flat folder with --labels")
+    from engine.pipeline.containers import open_container
+
+    found = open_container(data, labels, limit, num_classes)
+    if found is not None:
+        return found
     root = os.path.abspath(data)
     if not os.path.exists(root):
         raise DatasetError(f"--data {data}: no such folder")
@@ -259,6 +194,11 @@ def build_dataset(data: Optional[str], labels: Optional[str] = None, limit: Opti
 
 def build_unlabelled(data: str, limit: Optional[int] = None) -> Dataset:
     """Every image under a folder (recursively) or listed in a text file, for scoring."""
+    from engine.pipeline.containers import open_container
+
+    found = open_container(data, None, limit, 1000, labelled=False)
+    if found is not None:
+        return found
     root = os.path.abspath(data)
     if not os.path.exists(root):
         raise DatasetError(f"--data {data}: no such file or folder")

@@ -340,9 +340,19 @@ def _path_hash(rel: str) -> Tuple[int, int]:
     return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
-def content_hash(path: str) -> Tuple[int, int]:
-    """blake2b-128 of a file's bytes; (0, 0) when it cannot be read."""
+def content_hash(path, reader=None) -> Tuple[int, int]:
+    """blake2b-128 of a file's bytes (or of a container image's, `path` a locator read by
+    `reader`, preprocess/containers.py); (0, 0) when it cannot be read."""
     h = hashlib.blake2b(digest_size=16)
+    if reader is not None and not isinstance(path, str):
+        from preprocess.decode import DecodeError
+
+        try:
+            h.update(reader.read(path))
+        except (OSError, DecodeError):
+            return 0, 0
+        d = h.digest()
+        return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
     try:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -481,6 +491,10 @@ class PixelCache:
         self.shape = _shape_of(spec)
         self._row_bytes = int(np.prod(self.shape))
         self.key = pixel_key(spec, max_image_pixels, dataset.root)
+        container = getattr(dataset, "container", None)
+        if container is not None:  # tar / Parquet images: keyed by container position (containers/)
+            self.key["data"] = dataset.root if "://" in dataset.root else os.path.realpath(dataset.root)
+            self.key["container"] = container.layout
         h, w = self.shape[:2]
         self.dir = os.path.join(os.path.abspath(root), f"{h}x{w}-{spec.decode}-{_key_hash(self.key)}")
         self._dataset = dataset
@@ -496,8 +510,11 @@ class PixelCache:
         key_ok = self._check_key()
         # the file identities as they are now
         join, base = os.path.join, dataset.root
-        self._stat = np.array([_stat(join(base, p)) for p in dataset.paths], dtype=self._stat.dtype)
-        self._phash = np.array([_path_hash(p) for p in dataset.paths], np.uint64).reshape(n, 2)
+        if container is not None:
+            self._stat, self._phash = container.identity(dataset.paths, self._stat.dtype)
+        else:
+            self._stat = np.array([_stat(join(base, p)) for p in dataset.paths], dtype=self._stat.dtype)
+            self._phash = np.array([_path_hash(p) for p in dataset.paths], np.uint64).reshape(n, 2)
         if verify:
             self._content = self._hash_contents()
         self._open_files()
@@ -571,6 +588,13 @@ class PixelCache:
         from concurrent.futures import ThreadPoolExecutor
 
         ds = self._dataset
+        if getattr(ds, "container", None) is not None:  # one reader: it keeps the containers open
+            from preprocess.containers import ByteReader
+
+            reader = ByteReader()
+            hashes = [content_hash(ds.locator(i), reader) for i in range(self._n)]
+            reader.close()
+            return np.array(hashes, np.uint64).reshape(self._n, 2)
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
             hashes = list(ex.map(content_hash, (ds.abspath(i) for i in range(self._n))))
         return np.array(hashes, np.uint64).reshape(self._n, 2)

@@ -36,6 +36,7 @@ from engine.config import PreprocessSpec, format_resize
 from engine.errors import RunError
 from engine.pipeline.dataset import Dataset
 from engine.pipeline.ring import BUSY, EMPTY, FAILED, OK, Ring
+from preprocess.containers import describe
 
 
 class PoolError(RunError):
@@ -70,6 +71,7 @@ class _Job:
     id: int
     fill: Fill
     rows: List[Tuple[int, str]]
+    group: Optional[Tuple[int, int]] = None  # Parquet: (shard, row group) its rows are in (`_take`)
 
 
 @dataclass
@@ -110,6 +112,23 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
 
 
+def _chunks(todo: List[int], size: int, ds: Dataset, start: int) -> List[List[int]]:
+    """The rows of a fill in jobs of at most `size`. Parquet rows: a job never spans two row groups
+    (a worker reads a row group's images once per job it gets, engine/pipeline/containers/)."""
+    c = ds.container
+    if c is None or c.read != "parquet":
+        return [todo[lo:lo + size] for lo in range(0, len(todo), size)]
+    out: List[List[int]] = []
+    last = None
+    for r in todo:
+        key = (int(c.file_ids[start + r]), int(c.a[start + r]))
+        if not out or len(out[-1]) >= size or key != last:
+            out.append([])
+        out[-1].append(r)
+        last = key
+    return out
+
+
 class WorkerPool:
     """`workers` single-threaded decode processes writing into `ring`."""
 
@@ -145,6 +164,7 @@ class WorkerPool:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._watchdog: Optional[asyncio.TimerHandle] = None
         self._ready_waiters: List[asyncio.Future] = []
+        self._owners: Dict[Tuple[int, int], int] = {}  # Parquet row group -> the worker that read it
 
     # -- start -------------------------------------------------------------------------------
     async def start(self, timeout: float = 120.0) -> None:
@@ -224,9 +244,12 @@ class WorkerPool:
             fut.set_result(f)
             return fut
         self._fills[slot] = f
-        for lo in range(0, len(todo), self.chunk):
-            chunk = [(r, ds.abspath(start + r)) for r in todo[lo:lo + self.chunk]]
-            job = _Job(self._next_job, f, chunk)
+        container = ds.container if ds.container is not None and ds.container.read == "parquet" else None
+        for rows_ in _chunks(todo, self.chunk, ds, start):
+            chunk = [(r, ds.locator(start + r)) for r in rows_]
+            group = (int(container.file_ids[start + rows_[0]]), int(container.a[start + rows_[0]])) \
+                if container is not None else None
+            job = _Job(self._next_job, f, chunk, group)
             self._next_job += 1
             f.pending.add(job.id)
             self.queue.append(job)
@@ -244,12 +267,42 @@ class WorkerPool:
             if not ready:
                 return
             w = min(ready, key=lambda w: len(w.jobs))
-            job = self.queue.popleft()
+            job = self._take(w)
             w.jobs[job.id] = job
             try:
                 w.conn.send((job.id, job.fill.slot, job.rows))
             except OSError:
                 self._on_death(w)
+
+    def _take(self, w: _Worker) -> _Job:
+        """The next job for worker `w`: the queue's head, except for Parquet rows, where a job of a
+        row group `w` already read (or of one no live worker holds) a little further on comes
+        first, so each row group is read by as few workers as keep everyone busy (a worker
+        reads a whole row group for any of its rows). Never idles a worker: with nothing of its
+        own in sight, it takes the head."""
+        queue = self.queue
+        if queue[0].group is None:
+            return queue.popleft()
+        # a Parquet pool: every job has its row group (one data set, one reader)
+        pick = None
+        for k in range(min(len(queue), 4 * max(1, self.size))):
+            owner = self._owners.get(queue[k].group)  # type: ignore[arg-type]
+            if owner == w.wid:
+                pick = k
+                break
+            if pick is None and (owner is None or owner not in self.workers):
+                pick = k
+        job = queue[pick or 0]
+        del queue[pick or 0]
+        group = job.group
+        assert group is not None
+        owner = self._owners.get(group)
+        if owner is None or owner not in self.workers:
+            self._owners[group] = w.wid
+            if len(self._owners) > 4096:  # old row groups: forget the oldest half
+                for key in list(self._owners)[:2048]:
+                    del self._owners[key]
+        return job
 
     # -- messages ----------------------------------------------------------------------------
     def _on_readable(self, w: _Worker) -> None:
@@ -329,7 +382,7 @@ class WorkerPool:
                 if s == OK:
                     continue
                 if s == BUSY:
-                    culprit = path
+                    culprit = describe(path)
                     index = f.start + row
                     self._kills[index] += 1
                     if self._kills[index] >= 2:
@@ -339,7 +392,7 @@ class WorkerPool:
                 status[row] = EMPTY
                 redo.append((row, path))
             if redo:
-                again = _Job(self._next_job, f, redo)
+                again = _Job(self._next_job, f, redo, job.group)
                 self._next_job += 1
                 f.pending.add(again.id)
                 self.queue.appendleft(again)
@@ -377,7 +430,8 @@ class WorkerPool:
                 slot = job.fill.slot
                 for row, path in job.rows:
                     if self.ring.status[slot, row] == BUSY and now - self.ring.started[slot, row] > self.image_timeout:
-                        print(f"warning: worker {w.wid} spent over {self.image_timeout:g} s on {path}; killing it",
+                        print(f"warning: worker {w.wid} spent over {self.image_timeout:g} s on {describe(path)}; "
+                              "killing it",
                               file=sys.stderr)
                         w.timed_out = now - self.ring.started[slot, row]
                         w.proc.kill()

@@ -11,6 +11,12 @@ files give the same hash on every machine, wherever the data is mounted: the roo
 but not hashed. Part `p` of a run holds ids `[p * part_size, (p + 1) * part_size)`; a shard
 `i/n` owns a contiguous range of whole parts (`shard_parts`), so shards never overlap and
 together cover every part, whatever `n` is.
+
+Container data (a tar, WebDataset or Parquet shards: engine/pipeline/containers/) keeps its own
+defined order (shards, then members or rows in file order) instead of being sorted; its paths
+are names like `val-000003.tar:KEY` or `validation-00001.parquet:417`, its sizes the member's
+bytes (-1 for a Parquet row: its size is known only by reading it), and the manifest carries
+the container index the workers read by.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -60,6 +66,7 @@ class Manifest:
     paths: Tuple[str, ...]
     sizes: np.ndarray  # int64 [n]
     sha256: str
+    container: Optional[Any] = None  # engine.pipeline.containers.Container, or None: loose files
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -76,7 +83,8 @@ class Manifest:
         """The engine's index over the manifest: dataset index == manifest id."""
         names = tuple(name for _, name in imagenet_classes())
         labels = np.full(len(self.paths), UNLABELLED, np.int64)
-        return Dataset(root=self.root, paths=self.paths, labels=labels, class_names=names, layout="unlabelled")
+        return Dataset(root=self.root, paths=self.paths, labels=labels, class_names=names, layout="unlabelled",
+                       container=self.container)
 
     def text(self) -> str:
         """The manifest file: a header (not hashed) and the canonical lines (hashed)."""
@@ -129,10 +137,24 @@ def build_manifest(data: str, limit: Optional[int] = None) -> Manifest:
         raise DatasetError(f"--data {data}: not a text file (expected a folder, or one image path per line)")
     except OSError as e:
         raise DatasetError(f"--data {data}: cannot read ({e.strerror or e})")
+    if ds.container is not None:
+        return _from_container(ds, limit)
     rels = sorted(set(ds.paths))
     if limit is not None:
         rels = rels[:limit]
     return from_paths(ds.root, rels)
+
+
+def _from_container(ds: Dataset, limit: Optional[int]) -> Manifest:
+    from engine.pipeline.containers import RANGE
+
+    n = len(ds) if limit is None else min(limit, len(ds))
+    assert ds.container is not None
+    c = ds.container.take(n)
+    sizes = np.where(c.a >= 0, c.b, -1) if c.read == RANGE else np.full(n, -1, np.int64)
+    paths = tuple(ds.paths[:n])
+    sizes = np.asarray(sizes, np.int64)
+    return Manifest(root=ds.root, paths=paths, sizes=sizes, sha256=_hash(paths, sizes), container=c)
 
 
 def load_manifest(path: str, root: Optional[str] = None) -> Manifest:

@@ -43,7 +43,14 @@ class ScoreActor:
 
     def __init__(self, cfg: RunConfig, out: str, num_parts: int, fmt: str, meta: Dict, root: str, sha256: str,
                  topk: int, part_size: int):
-        manifest = load_manifest(os.path.join(out, MANIFEST_FILE), root=root)
+        from engine.pipeline.containers import is_container_spec
+
+        if cfg.data.path and is_container_spec(cfg.data.path):  # tar / Parquet: the container index again (tar indexes are cached)
+            from engine.scoring.manifest import build_manifest
+
+            manifest = build_manifest(cfg.data.path, cfg.data.limit)
+        else:
+            manifest = load_manifest(os.path.join(out, MANIFEST_FILE), root=root)
         if manifest.sha256 != sha256:
             raise RuntimeError(f"{out}/{MANIFEST_FILE} changed under the run (sha256 {manifest.sha256[:12]}..., "
                                f"expected {sha256[:12]}...)")

@@ -131,8 +131,9 @@ def score_parser() -> argparse.ArgumentParser:
                     "exactly once, resumable, sharded, optionally on a Ray cluster.")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", metavar="DIR|LIST",
-                   help="a folder (searched recursively for images) or a text file with one path per line "
-                        "(relative to the file's folder)")
+                   help="a folder (searched recursively for images), a text file with one path per line "
+                        "(relative to the file's folder), or containers: a tar, WebDataset shards, Parquet shards, "
+                        "local or s3://... (docs/usage.md)")
     g.add_argument("--out", metavar="DIR",
                    help="output folder: parts, their .done records, manifest.tsv, run.json, _SUCCESS")
     g.add_argument("--topk", type=positive_int, default=5, help="classes per image (default: %(default)s)")
