@@ -229,7 +229,7 @@ def test_key_names_the_decoders(data, croot):
 
 def test_other_pixel_path_version(data, croot, monkeypatch):
     d1 = build_full(croot, data)
-    monkeypatch.setattr(pc, "PIXEL_PATH_VERSION", pc.PIXEL_PATH_VERSION + 1)
+    monkeypatch.setattr(pc.key, "PIXEL_PATH_VERSION", pc.PIXEL_PATH_VERSION + 1)  # where pixel_key reads it
     c = pc.PixelCache.open(croot, data, SPEC, None, write=False)
     assert c.dir != d1 and (c.state == pc.MISS).all()
     c.close()
@@ -456,7 +456,7 @@ def test_unflushed_rows_are_not_visible(data, croot):
 
 
 def test_check_space_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(pc, "_free_bytes", lambda path: 3 * 10 ** 9)
+    monkeypatch.setattr(pc.format, "_free_bytes", lambda path: 3 * 10 ** 9)
     pc.check_space(str(tmp_path), 10, (224, 224, 3))
     with pytest.raises(pc.CacheFull) as e:
         pc.check_space(str(tmp_path / "new" / "dir"), 50000, (224, 224, 3))
@@ -467,7 +467,7 @@ def test_check_space_message(tmp_path, monkeypatch):
 
 def test_open_without_space_is_read_only(data, croot, monkeypatch):
     build_full(croot, data.__class__(data.root, data.paths[:4], data.labels[:4], data.class_names, data.layout))
-    monkeypatch.setattr(pc, "_free_bytes", lambda path: 100)
+    monkeypatch.setattr(pc.format, "_free_bytes", lambda path: 100)
     c = pc.PixelCache.open(croot, data, SPEC, None)
     assert not c.writable and "needs" in c.note
     assert (c.state[:4] == pc.HIT_OK).all()

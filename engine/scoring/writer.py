@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from engine import files
 from engine.errors import RunError
 from engine.procs import pid_alive
 
@@ -77,18 +78,11 @@ class DiskFullError(OutputError):
 
 def _write_all(fd: int, data) -> None:
     """Every byte of the output goes through here (a test replaces it to fake a full disk)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+    files.write_all(fd, data)
 
 
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.fsync_dir(path)
 
 
 def _tmp_name(path: str) -> str:
@@ -96,44 +90,30 @@ def _tmp_name(path: str) -> str:
     return os.path.join(d, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+def _disk_full(path: str, e: BaseException) -> BaseException:
+    """A full disk as DiskFullError (its one line says what to do); anything else as it is."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return DiskFullError(path, e)
+    return e
+
+
 def _write_tmp(path: str, data) -> str:
     """Write `data` to a tmp file beside `path` and fsync it; returns the tmp name."""
     tmp = _tmp_name(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        files.write_tmp(tmp, data, write=lambda fd, d: _write_all(fd, d))
     except OSError as e:
-        if e.errno in _FULL:
-            raise DiskFullError(path, e)
-        raise
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno in _FULL:
-            raise DiskFullError(path, e)
-        raise
+        raise _disk_full(path, e) from None
     return tmp
 
 
 def write_durably(path: str, data) -> None:
-    """tmp, fsync, rename over `path`, fsync the folder: `path` is the old or the new content."""
-    tmp = _write_tmp(path, data)
+    """tmp, fsync, rename over `path`, fsync the folder: `path` is the old or the new content
+    (engine/files.py write_replace, every byte through `_write_all`)."""
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(path) or ".")
+        files.write_replace(path, data, tmp=_tmp_name(path), write=lambda fd, d: _write_all(fd, d))
+    except OSError as e:
+        raise _disk_full(path, e) from None
 
 
 def create_once(path: str, data) -> bool:
