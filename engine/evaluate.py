@@ -18,7 +18,8 @@ import numpy as np
 
 from engine import __version__
 from engine.config import RunConfig, format_preprocessing_check, preprocessing_check
-from engine.errors import EXIT_DEVICE_LOST, EXIT_FAILED_IMAGES, EXIT_OK, exit_for_signal
+from engine.backends.base import AllDevicesLost
+from engine.errors import EXIT_DEVICE_LOST, EXIT_ERROR, EXIT_FAILED_IMAGES, EXIT_OK, exit_for_signal
 from engine.pipeline.dataset import Dataset, build_dataset
 from engine.pipeline.pool import WorkerPool
 from engine.pipeline.scheduler import BatchResult, PipelineStats
@@ -158,6 +159,7 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     session = Session(cfg, ds, handle_signals=handle_signals)
     stats = PipelineStats()
     compute: List[float] = []
+    lost: Optional[AllDevicesLost] = None
     t0 = time.monotonic()
     try:
         try:
@@ -173,7 +175,10 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
             # compute-only first, while the workers are idle: inputs already on the device
             compute = session.compute_only(cfg.pipeline.compute_only_iters)
             progress = Progress(len(ds), cfg.pipeline.progress)
-            session.run(0, len(ds), reduce, progress, stats=stats)
+            try:
+                session.run(0, len(ds), reduce, progress, stats=stats)
+            except AllDevicesLost as e:  # --devices: what was counted is reported, marked partial
+                lost = e
             progress.close()
     finally:
         session.close()
@@ -181,7 +186,7 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
         stats.wall_s = time.monotonic() - t0
     stopped = session.stopped
     report = build_report(cfg, ds, metrics, session.describe(), stats, compute, session.pool,
-                          session.loop_name, partial=stopped is not None, tuning=session.autotune)
+                          session.loop_name, partial=stopped is not None or lost is not None, tuning=session.autotune)
     report.update(analysis.report(metrics, cfg))  # statistics, label_set, real, published
     if session.pixel_cache is not None:
         report["pixel_cache"] = session.pixel_cache
@@ -207,6 +212,9 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
                     {k: report[k] for k in keep})
     if stopped is not None:
         return report, exit_for_signal(stopped)
+    if lost is not None:
+        print(f"run-eval: error: {lost}", file=sys.stderr)
+        return report, EXIT_ERROR
     if metrics.failed:
         return report, EXIT_FAILED_IMAGES
     return report, EXIT_DEVICE_LOST if report["backend"].get("devices_lost") else EXIT_OK

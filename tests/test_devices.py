@@ -78,19 +78,23 @@ def test_cpu_devices_equal_one_device(folder_set):
     assert all(d.info.get("threads") == 1 for d in infos)  # the cores the worker leaves, shared out
 
 
-def test_aie_stand_in_two_devices(folder_set, monkeypatch):
+def test_aie_stand_in_two_devices(folder_set, monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", FAKES + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("FAKE_AIE_DEVICES", "2")
     monkeypatch.setenv("FAKE_AIE_ACCEPT_UINT8", "1")
+    log = tmp_path / "compiles.jsonl"
+    monkeypatch.setenv("FAKE_AIE_COMPILE_LOG", str(log))
     base = resolve_config("resnet18", data=folder_set, backend="cpu", batch_size=16, workers=1, limit=32,
                           progress=False)
     want, _ = _predictions(base)
-    cfg = base.replace(backend="aie", precision="fp32", devices="all", cache_dir=os.path.join(ROOT, ".cache", "t-aie"))
+    cfg = base.replace(backend="aie", precision="fp32", devices="all", cache_dir=str(tmp_path / "compiled"))
     got, session = _predictions(cfg)
     assert [d.id for d in session.backend.devices] == [0, 1]  # `all`: the stand-in's two NPUs
     assert got.keys() == want.keys()
     info = session.describe()
     assert info["backend"] == "aie" and info["devices"] == [0, 1]
+    # prepared once: the first device process compiled into the cache, the second loaded it
+    assert len(log.read_text().splitlines()) == 1
 
 
 def test_device_killed_mid_run_loses_nothing(folder_set):
@@ -236,3 +240,13 @@ def test_sigterm_while_a_device_process_compiles(folder_set, tmp_path):
     time.sleep(0.5)
     assert not [c for c in children if _running(c)], "a device process outlived the run"
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"iengine-{p.pid}-")]
+
+
+def test_every_device_lost_gives_a_partial_report(folder_set, tmp_path):
+    env = dict(os.environ, IMAGENET_ENGINE_DEVICE_FAULT="raise:0:3")
+    out = tmp_path / "r.json"
+    r = _run_eval(["--data", folder_set, "--backend", "sim", "--devices", "0", "--workers", "1", "--batch-size", "8",
+                   "--sim-batch-ms", "5", "--no-progress", "--json", str(out)], env=env)
+    assert r.returncode == 3 and "every device process was lost: device 0: its backend failed" in r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["partial"] and rep["images"] < 120 and rep["devices"][0]["lost"]

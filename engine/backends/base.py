@@ -34,6 +34,10 @@ class BackendError(RunError):
     """The backend cannot run this configuration; the message says what to change."""
 
 
+class AllDevicesLost(BackendError):
+    """Every device process of --devices was lost: the run cannot go on (its report is partial)."""
+
+
 class DeviceLost(BackendError):
     """From `InFlight.result()`: the device (a device process of --devices) was lost after it had
     copied the batch; the scheduler decodes the batch again and submits it to another device."""

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from engine.backends.base import Backend, BackendError, DeviceLost, InFlight
+from engine.backends.base import AllDevicesLost, Backend, BackendError, DeviceLost, InFlight
 from engine.config import RunConfig, parse_devices
 from engine.procs import usable_cores
 from engine.pipeline.ring import NAME_PREFIX, SHM_DIR
@@ -342,8 +342,8 @@ class DeviceGroup(Backend):
     def _alive(self) -> List[_Device]:
         alive = [d for d in self.devices if d.alive]
         if not alive:
-            raise BackendError("every device process was lost: " +
-                               "; ".join(f"device {d['id']}: {d['reason']}" for d in self.lost))
+            raise AllDevicesLost("every device process was lost: " +
+                                 "; ".join(f"device {d['id']}: {d['reason']}" for d in self.lost))
         return alive
 
     def prepare(self, batch_size: int) -> None:
