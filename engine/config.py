@@ -108,32 +108,13 @@ class PreprocessSpec:
         return (self.crop, self.crop, 3)
 
 
-# Preprocessing of the published torchvision weights (the "transforms" of each weights enum).
-MODEL_PRESETS = {
-    "resnext50_32x4d": PreprocessSpec(),
-    "resnext101_32x8d": PreprocessSpec(),
-    "resnet18": PreprocessSpec(),
-    "resnet34": PreprocessSpec(),
-    "resnet50": PreprocessSpec(),
-    "resnet101": PreprocessSpec(),
-    "resnet152": PreprocessSpec(),
-    "wide_resnet50_2": PreprocessSpec(),
-    "mobilenet_v2": PreprocessSpec(),
-    "mobilenet_v3_large": PreprocessSpec(),
-    "vgg16": PreprocessSpec(),
-    "densenet121": PreprocessSpec(),
-    "alexnet": PreprocessSpec(),
-    "squeezenet1_1": PreprocessSpec(),
-    "shufflenet_v2_x1_0": PreprocessSpec(),
-    "vit_b_16": PreprocessSpec(),
-    "inception_v3": PreprocessSpec(resize=342, crop=299),
-    "efficientnet_b0": PreprocessSpec(resize=256, crop=224, interpolation="bicubic"),
-}
+def preset_for(model: str, weights: Optional[str] = None, ts: Optional[str] = None,
+               timm_size: str = "test") -> PreprocessSpec:
+    """The preprocessing `model`'s weights declare (torchvision's weights enum, timm's pretrained_cfg,
+    the spec stored in a --ts file): engine/models/catalog.py; the ImageNet default for unknown names."""
+    from engine.models.catalog import resolve
 
-
-def preset_for(model: str) -> PreprocessSpec:
-    """The preprocessing preset of a model name; the ImageNet default for unknown names."""
-    return MODEL_PRESETS.get(model, PreprocessSpec())
+    return resolve(model, weights, ts, timm_size).spec
 
 
 @dataclass(frozen=True)
@@ -151,14 +132,6 @@ class NamedPreset:
     figures: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
 
-
-# torchvision's published figures for its V1 weights with the model's preset preprocessing
-# (the weights enums' `_metrics`); shown beside a named preset's figure.
-PUBLISHED_FIGURES = {
-    "resnext50_32x4d": (77.618, 93.698),
-    "resnet50": (76.130, 92.862),
-    "resnet18": (69.758, 89.078),
-}
 
 NAMED_PRESETS = {
     "modelzoo-acc-eval": NamedPreset(
@@ -188,75 +161,26 @@ def named_preset(name: str) -> NamedPreset:
         raise ConfigError(f"--preset {name!r} is not one of {', '.join(sorted(NAMED_PRESETS))}") from None
 
 
-def _show(field_name: str, value) -> str:
-    if field_name == "resize":
-        return describe_resize(value)
-    if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
-    return str(value)
+def preprocess_differences(spec: PreprocessSpec, model: str, **declared) -> List[Dict[str, str]]:
+    """How `spec` differs from what `model`'s weights declare (engine/models/provenance.py)."""
+    from engine.models.provenance import preprocess_differences as differences
+
+    return differences(spec, model, **declared)
 
 
-def preprocess_differences(spec: PreprocessSpec, model: str) -> List[Dict[str, str]]:
-    """How `spec` differs from the preprocessing `model`'s weights were evaluated with (its
-    preset; torchvision's ImageNet default for a model without one): one entry per field, with
-    both values in words. The decode mode is left out (fast mode is reported on its own)."""
-    correct = preset_for(model)
-    out = []
-    for f in dataclasses.fields(PreprocessSpec):
-        if f.name == "decode":
-            continue
-        used, right = getattr(spec, f.name), getattr(correct, f.name)
-        if used != right:
-            out.append({"field": f.name, "used": _show(f.name, used), "correct": _show(f.name, right)})
-    return out
+def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None, **declared) -> Dict:
+    """Where each preprocessing field came from, how the spec differs from the weights' declaration,
+    the published figures; with --preset, that script's origin (engine/models/provenance.py)."""
+    from engine.models.provenance import preprocessing_check as check
+
+    return check(model, spec, preset, **declared)
 
 
-def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None) -> Dict:
-    """What a report says about the preprocessing: how it differs from the model's (its preset),
-    and with `--preset NAME` where that preset comes from, the figure its script reported for this
-    model and torchvision's published figure with the correct preprocessing, side by side."""
-    out: Dict = {
-        "model_has_preset": model in MODEL_PRESETS,
-        "differences": preprocess_differences(spec, model),
-    }
-    if preset is not None:
-        named = named_preset(preset)
-        out.update(preset=preset, source=named.source, notes=list(named.notes),
-                   script_figure=named.figures.get(model), published_figure=PUBLISHED_FIGURES.get(model),
-                   preset_overridden=[f.name for f in dataclasses.fields(PreprocessSpec)
-                                      if f.name != "decode" and getattr(spec, f.name) != getattr(named.spec, f.name)])
-    return out
+def format_preprocessing_check(check: Dict, model: str, top1: Optional[float] = None,
+                               top5: Optional[float] = None) -> List[str]:
+    from engine.models.provenance import format_preprocessing_check as fmt
 
-
-def format_preprocessing_check(check: Dict, model: str) -> List[str]:
-    """The report's lines for :func:`preprocessing_check` (none without a preset or a difference)."""
-    if "preset" not in check:
-        return []
-    lines = [f"  preset        {check['preset']}: the preprocessing of {check['source']}"]
-    if check["preset_overridden"]:
-        lines.append(f"                overridden by flags: {', '.join(check['preset_overridden'])}")
-    if check["differences"]:
-        whose = f"{model}'s weights were evaluated with" if check["model_has_preset"] else \
-            "torchvision's ImageNet default"
-        lines.append(f"  differs from  what {whose}:")
-        for d in check["differences"]:
-            lines.append(f"    {d['field']:<14}{d['used']}  (correct: {d['correct']})")
-    else:
-        lines.append(f"                the same as {model}'s own preprocessing")
-    script, published = check.get("script_figure"), check.get("published_figure")
-    if script or published:
-        parts = []
-        if script:
-            parts.append(f"that script's figure {script[0]:.3f} / {script[1]:.3f}")
-        if published:
-            parts.append(f"torchvision's published figure for its V1 weights with the correct preprocessing "
-                         f"{published[0]:.3f} / {published[1]:.3f}")
-        lines.append(f"  {model}: " + "; ".join(parts) + " (top-1 / top-5 %)")
-    lines.append("  correct run   the same command without --preset (the model's preprocessing); "
-                 "docs/modelzoo-reference.md explains the gap")
-    for note in check["notes"]:
-        lines.append(f"  note          {note}")
-    return lines
+    return fmt(check, model, top1, top5)
 
 
 @dataclass(frozen=True)
@@ -282,6 +206,7 @@ class RunConfig:
     ring_slots: int = 0  # 0: derived from workers and in-flight batches
     inflight: int = 3
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    timm_input_size: str = "test"  # --timm-input-size: timm's test size (validate.py's) or its train size
     preset: Optional[str] = None  # --preset NAME: the named preset the preprocessing started from
     num_classes: int = 1000
     sim_batch_ms: float = 10.0
@@ -374,9 +299,10 @@ def parse_triple(text: str, flag: str) -> Tuple[float, float, float]:
 
 def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optional[dict] = None,
                    preset: Optional[str] = None, **fields) -> RunConfig:
-    """The named `preset` (else the model's), with every non-None preprocessing override applied,
-    and the run fields."""
-    spec = named_preset(preset).spec if preset is not None else preset_for(model)
+    """The named `preset` (else what the model's weights or the --ts file declare), with every
+    non-None preprocessing override applied, and the run fields."""
+    spec = named_preset(preset).spec if preset is not None else preset_for(
+        model, fields.get("weights"), fields.get("ts"), fields.get("timm_input_size", "test"))
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
