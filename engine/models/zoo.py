@@ -310,8 +310,12 @@ def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     from engine.models.catalog import is_timm, split_weights
 
     if config.ts:
+        from engine.models.catalog import read_file_spec
+
+        stored = read_file_spec(config.ts)  # the file's own spec names the model it was exported from
+        preset = f"{stored['model']} (stored in the file)" if stored else config.model
         return load_torchscript(config.ts), {"model": model_name(config), "source": "torchscript", "ts": config.ts,
-                                             "sha256": file_sha256(config.ts), "preset": config.model}
+                                             "sha256": file_sha256(config.ts), "preset": preset}
     family = "timm" if is_timm(config.model) else "torchvision"
     build = build_timm if family == "timm" else build_torchvision
     net, source = build(config.model, config.weights, config.num_classes)
