@@ -118,7 +118,7 @@ def test_a_tag_downloads_its_own_file(served, tmp_path, monkeypatch):
 
 def test_tag_file_and_its_sha_before_the_run(served, tmp_path, monkeypatch):
     """run-score's run.json and the aie identity see a tag's file by its sha256."""
-    from engine.models.catalog import weights_sha256
+    from engine.models.zoo import weights_sha256
 
     www, base = served
     name = _state_dict_file(www, "tiny-v2")

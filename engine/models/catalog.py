@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
-from engine.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, PreprocessSpec
+from engine.spec import IMAGENET_MEAN, IMAGENET_STD, ConfigError, PreprocessSpec
 
 TIMM_PREFIXES = ("timm:", "timm/")
 #: the extra file `export` writes into a TorchScript archive (torch.jit.save(_extra_files=...))
@@ -424,17 +424,3 @@ def print_models(pattern: Optional[str] = None, out=None) -> int:
     print(f"{len(entries)} models and weights tags{timm_note}", file=sys.stderr)
     return 0
 
-
-def weights_sha256(model: str, weights: Optional[str]) -> Optional[str]:
-    """sha256 of the file `--weights` stands for: the file given, or a tag's file (resolved through
-    torchvision's cache or a download, engine.models.zoo.resolve_weights); None for none or no file."""
-    if not weights:
-        return None
-    from engine.files import file_sha256
-
-    tag, path = split_weights(weights)
-    if path is None:
-        from engine.models.zoo import resolve_weights  # imports torch: only for a tag
-
-        path = resolve_weights(model, weights)[0]
-    return file_sha256(path) if path and os.path.isfile(path) else None

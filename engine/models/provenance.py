@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional
 
-from engine.config import PreprocessSpec, describe_resize, named_preset
+from engine.spec import PreprocessSpec, describe_resize
 
 FIELDS = tuple(f.name for f in dataclasses.fields(PreprocessSpec) if f.name != "decode")
 
@@ -43,16 +43,18 @@ def preprocess_differences(spec: PreprocessSpec, model: str, weights: Optional[s
     return out
 
 
-def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None, weights: Optional[str] = None,
+def preprocessing_check(model: str, spec: PreprocessSpec, named=None, weights: Optional[str] = None,
                         ts: Optional[str] = None, timm_size: str = "test") -> Dict:
     """`sources`: per field, what set it ("flag", "preset NAME", "file" or "weights", "assumed");
     `declared_by`: the declaration in words; `published`: {"top1", "top5", "source"} or None;
-    `differences` from the declaration; with --preset, that script's origin and figures."""
+    `differences` from the declaration; with --preset (`named`, an engine.config.NamedPreset), that
+    script's origin and figures."""
+    preset = named.name if named is not None else None
     entry = _entry(model, weights, ts, timm_size)
     kind = {"file": "file", "torchvision": "weights", "timm": "weights"}.get(entry.family, "assumed")
     if not entry.declared:
         kind = "assumed"
-    base = named_preset(preset).spec if preset is not None else entry.spec
+    base = named.spec if named is not None else entry.spec
     sources = {}
     for name in FIELDS:
         if getattr(spec, name) != getattr(base, name):
@@ -67,8 +69,7 @@ def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] 
         "published": entry.published,
         "differences": preprocess_differences(spec, model, weights, ts, timm_size),
     }
-    if preset is not None:
-        named = named_preset(preset)
+    if named is not None:
         pub = entry.published
         out.update(preset=preset, source=named.source, notes=list(named.notes),
                    script_figure=named.figures.get(entry.model if entry.family != "file" else model),

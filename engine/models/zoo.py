@@ -326,3 +326,16 @@ def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     if source != "random":
         info["sha256"] = file_sha256(source)
     return net, info
+
+
+def weights_sha256(model: str, weights: Optional[str]) -> Optional[str]:
+    """sha256 of the file `--weights` stands for: the file given, or a tag's file (resolved through
+    torchvision's cache or a download, engine.models.zoo.resolve_weights); None for none or no file."""
+    if not weights:
+        return None
+    from engine.models.catalog import split_weights
+
+    tag, path = split_weights(weights)
+    if path is None:
+        path = resolve_weights(model, weights)[0]
+    return file_sha256(path) if path and os.path.isfile(path) else None

@@ -21,7 +21,6 @@ from engine import __version__
 from engine.classes import imagenet_classes
 from engine.config import RunConfig
 from engine.files import file_sha256
-from engine.models.catalog import weights_sha256
 from engine.scoring.manifest import MANIFEST_FILE, Manifest, build_manifest, resolve_shard, shard_parts
 from engine.report.metrics import topk_indices
 from engine.pipeline.scheduler import BatchResult, PipelineStats
@@ -60,7 +59,11 @@ def _json_roundtrip(d: Dict) -> Dict:
 
 def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest) -> Dict:
     """run.json: the fingerprint (FINGERPRINT_KEYS) plus what is useful to know about the run."""
-    weights_sha = weights_sha256(cfg.model, cfg.weights)  # a weights tag counts by its file's sha256
+    weights_sha = file_sha256(cfg.weights) if cfg.weights and os.path.isfile(cfg.weights) else None
+    if cfg.weights and weights_sha is None and not cfg.ts:  # a weights tag counts by its file's sha256
+        from engine.models.zoo import weights_sha256
+
+        weights_sha = weights_sha256(cfg.model, cfg.weights)
     ts_sha = file_sha256(cfg.ts) if cfg.ts and os.path.isfile(cfg.ts) else None
     meta = {
         "manifest_sha256": manifest.sha256, "manifest_images": len(manifest), "part_size": opts.part_size,
