@@ -91,9 +91,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preprocessing (defaults from --preset, else the --model preset)")
+    g = p.add_argument_group("preprocessing (defaults: --preset, else the --ts file's stored spec, else what the "
+                             "weights declare; run-eval --list-models shows them; docs/models.md)")
     g.add_argument("--preset", choices=sorted(NAMED_PRESETS), default=None,
-                   help="start from a known script's preprocessing instead of the model's; every flag below still "
+                   help="start from a known script's preprocessing instead of the weights'; every flag below still "
                         "overrides it. modelzoo-acc-eval: Ascend ModelZoo's ResNeXt50 acc_eval.py (Resize([256, 256]) "
                         "bicubic, CenterCrop(224), mean 0.485,0.456,0.06), whose 71.35 %% top-1 this reproduces; the "
                         "report lists what differs from the model's correct preprocessing (docs/modelzoo-reference.md)")

@@ -412,3 +412,26 @@ def test_timm_results_ship_in_the_package():
     assert "data/timm-results/NOTICE" in shipped
     assert "Apache License" in open(os.path.join(ROOT, "engine", "data", "timm-results", "NOTICE")).read()
     assert cfg["options.extras_require"]["timm"].split()[0].startswith("timm")
+
+
+def test_a_tag_is_its_file_in_run_scores_fingerprint(folder_set, tmp_path):
+    """--weights IMAGENET1K_V2 resolves to V2's file in torchvision's cache before the run: run.json
+    holds that file's sha256, and a V1-tag run into the same --out is refused (two tags never share)."""
+    import hashlib
+
+    v2_name = os.path.basename(torchvision.models.get_model_weights("mobilenet_v2").IMAGENET1K_V2.url)
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), str(ckpt / v2_name))
+    want = hashlib.sha256((ckpt / v2_name).read_bytes()).hexdigest()
+    out = str(tmp_path / "scores")
+    common = ["--data", folder_set, "--out", out, "--model", "mobilenet_v2", "--backend", "cpu", "--limit", "4",
+              "--batch-size", "4", "--resize", "72", "--crop", "64", "--no-progress"]
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    r = run_cli([os.path.join(ROOT, "bin", "run-score"), *common, "--weights", "IMAGENET1K_V2"], env=env)
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(os.path.join(out, "run.json")))
+    assert meta["weights_sha256"] == want and meta["weights"] == "IMAGENET1K_V2"
+    v1 = run_cli([os.path.join(ROOT, "bin", "run-score"), *common], env=env)  # V1: not in this cache, random
+    assert v1.returncode == 2 and "weights_sha256" in v1.stderr, v1.stderr

@@ -105,18 +105,23 @@ def split_weights(weights: Optional[str]) -> Tuple[Optional[str], Optional[str]]
 
 # ---- torchvision --------------------------------------------------------------------------------
 
-def torchvision_models() -> List[str]:
+@lru_cache(maxsize=1)
+def _torchvision_names() -> Tuple[str, ...]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def torchvision_models() -> List[str]:
+    """torchvision's classification models (`list_models(module=torchvision.models)`)."""
+    return list(_torchvision_names())
 
 
 def _torchvision_enum(model: str):
     """The weights enum of a torchvision classification model, or None for a name it does not list."""
-    import torchvision
     from torchvision.models import get_model_weights
 
-    if model not in torchvision.models.list_models(module=torchvision.models):
+    if model not in _torchvision_names():
         return None
     try:
         return get_model_weights(model)
