@@ -294,9 +294,11 @@ def test_timm_state_dict_that_does_not_fit(tmp_path):
 
 def test_timm_without_weights_is_random_with_the_reason(capsys, monkeypatch):
     _timm()
+    from engine.models import zoo
     from engine.models.zoo import build_timm
 
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # an empty Hub cache
+    monkeypatch.setattr(zoo, "_warned", set())  # said once per process: this test wants to see it
     net, source = build_timm("timm:test_resnet.r160_in1k", None)
     assert source == "random"
     err = capsys.readouterr().err
@@ -435,3 +437,32 @@ def test_a_tag_is_its_file_in_run_scores_fingerprint(folder_set, tmp_path):
     assert meta["weights_sha256"] == want and meta["weights"] == "IMAGENET1K_V2"
     v1 = run_cli([os.path.join(ROOT, "bin", "run-score"), *common], env=env)  # V1: not in this cache, random
     assert v1.returncode == 2 and "weights_sha256" in v1.stderr, v1.stderr
+
+
+def test_timm_weights_from_the_hub_cache(folder_set, tmp_path):
+    """A tag's file in the Hugging Face Hub cache (its own layout: refs/main -> snapshots/REV/) is
+    what runs, by its sha256, with no download."""
+    _timm()
+    pytest.importorskip("safetensors")
+    import hashlib
+
+    from safetensors.torch import save_file
+    import timm
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    torch.manual_seed(9)
+    net = timm.create_model("test_resnet.r160_in1k", pretrained=False)
+    path = repo / "snapshots" / rev / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    rep = tmp_path / "r.json"
+    r = run_cli([os.path.join(ROOT, "bin", "run-eval"), "--data", folder_set, "--model", "timm/test_resnet.r160_in1k",
+                 "--backend", "cpu", "--limit", "4", "--batch-size", "4", "--workers", "1", "--compute-only-iters", "1",
+                 "--no-progress", "--json", str(rep)], env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    backend = json.loads(rep.read_text())["backend"]
+    assert backend["weights"] == str(path) and "random" not in r.stderr
+    assert backend["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -90,6 +90,7 @@ def test_unreachable_and_no_download(tmp_path, monkeypatch, served):
 
 def test_random_weights_say_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(zoo, "_warned", set())
     monkeypatch.setenv(zoo.NO_DOWNLOAD_ENV, "1")
     net, source = zoo.build_torchvision("resnet18", None)
     assert source == "random"

@@ -39,8 +39,8 @@ from engine import __version__
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.models.compile_cache import CompileCache, cache_key
 from engine.models.catalog import is_timm
-from engine.models.zoo import (InputAdapter, WithInput, build_model, file_sha256, model_name, resolve_weights,
-                           quiet_jit)
+from engine.models.zoo import (InputAdapter, WithInput, build_model, file_sha256, model_name, preprocessing_of,
+                               quiet_jit, resolve_weights)
 
 # --precision -> torch_aie.PrecisionPolicy member name
 POLICIES = {"fp16": "FP16", "fp32": "FP32"}
@@ -167,7 +167,7 @@ class AieBackend(Backend):
                 raise BackendError(f"--ts {cfg.ts}: no such file")
             sha = file_sha256(cfg.ts)
             self._model_info = {"model": model_name(cfg), "source": "torchscript", "ts": cfg.ts, "sha256": sha,
-                                "preset": cfg.model}
+                                "preset": preprocessing_of(cfg)}
             return {"kind": "torchscript", "sha256": sha}
         weights, _, _ = resolve_weights(cfg.model, cfg.weights)  # a tag becomes its file here, before the key
         family = "timm" if is_timm(cfg.model) else "torchvision"

@@ -160,11 +160,28 @@ def timm_weights(model: str, environ=os.environ) -> Tuple[Optional[str], str]:
         return None, f"not in the Hugging Face Hub cache ({hub_id}) and {offline[0]} is set"
     key = "hf:" + hub_id
     if key not in _download_failed:
+        import logging
+        import socket
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:  # a host that does not resolve fails now, not after the Hub client's retries
+            socket.getaddrinfo(host, 443)
+        except OSError as e:
+            _download_failed[key] = f"{host} is not reachable: {e}"
+    if key not in _download_failed:
         print(f"downloading {name} weights from the Hugging Face Hub: {hub_id}/{names[0]}", file=sys.stderr)
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)  # its retry warnings; a failure is said once below
         try:
             return hf_hub_download(hub_id, names[0]), "downloaded"
         except Exception as e:  # offline, refused, missing: random weights with a warning
             _download_failed[key] = f"{type(e).__name__}: {e}"[:300]
+        finally:
+            hub_log.setLevel(level)
     return None, f"not in the Hugging Face Hub cache ({hub_id}) and the download failed ({_download_failed[key]})"
 
 
@@ -206,7 +223,13 @@ def load_state_dict(path: str) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
+_warned: set = set()  # (model, why): said once per process (autotune and the run both build the model)
+
+
 def _random_warning(model: str, why: str) -> None:
+    if (model, why) in _warned:
+        return
+    _warned.add((model, why))
     print(f"warning: no weights for {model}: {why}; using random weights, so the accuracy means nothing "
           "(give --weights FILE)", file=sys.stderr)
 
@@ -305,6 +328,15 @@ def model_name(config: RunConfig) -> str:
     return config.ts if config.ts else config.model
 
 
+def preprocessing_of(config: RunConfig) -> str:
+    """Whose preprocessing a --ts run uses, for the report's title: the model the file's stored spec
+    names, else --model's (assumed)."""
+    from engine.models.catalog import read_file_spec
+
+    stored = read_file_spec(config.ts) if config.ts else None
+    return f"{stored['model']} (stored in the file)" if stored else config.model
+
+
 def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     """The model as the config names it; returns (eval-mode module, description for the report)."""
     from engine.models.catalog import is_timm, split_weights
@@ -312,10 +344,8 @@ def build_model(config: RunConfig) -> Tuple[nn.Module, dict]:
     if config.ts:
         from engine.models.catalog import read_file_spec
 
-        stored = read_file_spec(config.ts)  # the file's own spec names the model it was exported from
-        preset = f"{stored['model']} (stored in the file)" if stored else config.model
         return load_torchscript(config.ts), {"model": model_name(config), "source": "torchscript", "ts": config.ts,
-                                             "sha256": file_sha256(config.ts), "preset": preset}
+                                             "sha256": file_sha256(config.ts), "preset": preprocessing_of(config)}
     family = "timm" if is_timm(config.model) else "torchvision"
     build = build_timm if family == "timm" else build_torchvision
     net, source = build(config.model, config.weights, config.num_classes)
