@@ -29,7 +29,7 @@ from engine.synthetic import encode_jpeg, make_image  # noqa: E402
 from preprocess import preprocess_into  # noqa: E402
 from tests.conftest import ROOT, run_cli  # noqa: E402
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # timm and huggingface_hub never reach the network here
+# tests/conftest.py sets HF_HUB_OFFLINE=1: timm and huggingface_hub never reach the network here
 
 # (width, height): landscape, portrait, square-ish, and one smaller than most crops (upscaled)
 SIZES = [(500, 375), (375, 500), (640, 480), (260, 190)]
@@ -297,7 +297,9 @@ def test_timm_without_weights_is_random_with_the_reason(capsys, monkeypatch):
     from engine.models import zoo
     from engine.models.zoo import build_timm
 
-    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # an empty Hub cache
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    # an empty Hub cache (not by setting HF_HOME in-process: see tests/conftest.py on HF_HUB_OFFLINE)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename, **kw: None)
     monkeypatch.setattr(zoo, "_warned", set())  # said once per process: this test wants to see it
     net, source = build_timm("timm:test_resnet.r160_in1k", None)
     assert source == "random"
@@ -466,3 +468,13 @@ def test_timm_weights_from_the_hub_cache(folder_set, tmp_path):
     backend = json.loads(rep.read_text())["backend"]
     assert backend["weights"] == str(path) and "random" not in r.stderr
     assert backend["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_score_on_an_exported_file_uses_its_spec(exported_v2, folder_set, tmp_path):
+    out_ts, _, _ = exported_v2
+    out = str(tmp_path / "scores")
+    r = run_cli([os.path.join(ROOT, "bin", "run-score"), "--data", folder_set, "--out", out, "--ts", out_ts,
+                 "--backend", "cpu", "--limit", "4", "--batch-size", "4", "--crop", "64", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(os.path.join(out, "run.json")))
+    assert (meta["preprocessing"]["resize"], meta["preprocessing"]["crop"]) == (232, 64)  # the file's, a flag's
