@@ -478,3 +478,24 @@ def test_run_score_on_an_exported_file_uses_its_spec(exported_v2, folder_set, tm
     assert r.returncode == 0, r.stderr
     meta = json.load(open(os.path.join(out, "run.json")))
     assert (meta["preprocessing"]["resize"], meta["preprocessing"]["crop"]) == (232, 64)  # the file's, a flag's
+
+
+def test_export_a_timm_model_and_a_tag_without_a_file(timm_reference, tmp_path, monkeypatch):
+    from engine.models.export import export_main
+
+    model, weights, _, _, _ = timm_reference
+    out = str(tmp_path / "t.ts")
+    assert export_main([weights, out, "--model", model]) == 0
+    stored = catalog.read_file_spec(out)
+    assert (stored["family"], stored["model"], stored["preprocess"]["resize"], stored["preprocess"]["crop"]) == \
+        ("timm", model, 168, 160)
+    assert stored["input"] == [1, 3, 160, 160]
+    # a tag whose file is neither in torchvision's cache (an empty one here) nor downloadable: no random export
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    err = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):
+        assert export_main(["IMAGENET1K_V2", str(tmp_path / "x.ts"), "--model", "mobilenet_v2"]) == 2
+    assert "export: error: IMAGENET1K_V2: no file for this tag" in err.getvalue()
+    assert not os.path.exists(str(tmp_path / "x.ts"))
