@@ -45,14 +45,31 @@ def resize_arg(text: str) -> Resize:
         raise argparse.ArgumentTypeError(str(e).replace("--resize needs ", "needs "))
 
 
+def add_model_source_args(g) -> None:
+    """--model, --weights, --ts, --timm-input-size: what the model is, and so whose preprocessing
+    (engine/models/catalog.py); the same on run-eval, run-score, run-bench and make-cache."""
+    g.add_argument("--model", default="resnext50_32x4d",
+                   help="a torchvision classification model (resnext50_32x4d, vit_b_16, ...) or timm:ARCH.TAG "
+                        "(timm/ARCH.TAG too; needs the timm extra); the preprocessing is what its weights declare "
+                        "(--list-models shows them) (default: %(default)s)")
+    g.add_argument("--weights", metavar="TAG|FILE|TAG=FILE",
+                   help="torchvision weights tag (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT, ...: its file from "
+                        "torchvision's cache, else downloaded and hash-checked, else random weights with the reason; "
+                        "its preprocessing and published figures), a state dict or safetensors file (a torchvision "
+                        "file keeps its tag's preprocessing, found by its file name, else the V1 tag's), or "
+                        "TAG=FILE (a file with that tag's preprocessing); default: the model's IMAGENET1K_V1 tag "
+                        "(timm: the tag in --model, from the Hugging Face Hub cache)")
+    g.add_argument("--ts", metavar="FILE",
+                   help="a TorchScript model instead of --model/--weights; the preprocessing stored in it by "
+                        "export is used (flags still override), else --model's (said in the report)")
+    g.add_argument("--timm-input-size", choices=("test", "train"), default="test",
+                   help="timm models: the input size and crop_pct timm evaluates at (test, validate.py's "
+                        "use_test_size, the size of timm's published results) or the train size (default: test)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
-    g.add_argument("--model", default="resnext50_32x4d",
-                   help="torchvision model name; also picks the preprocessing preset (default: %(default)s)")
-    g.add_argument("--weights", metavar="FILE.pth",
-                   help="state dict for --model (like resnext50_32x4d-7cdf4587.pth); default: torchvision's "
-                        "cached V1 weights if present, else random weights (with a warning)")
-    g.add_argument("--ts", metavar="FILE", help="a TorchScript model instead of --model/--weights")
+    add_model_source_args(g)
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto (aie if torch_aie imports, else npu if torch_npu imports, else cuda if torch sees "
                         "a GPU, else cpu; the choice is printed with its reason), cpu, sim (simulated "
@@ -85,9 +102,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("preprocessing (defaults from --preset, else the --model preset)")
+    g = p.add_argument_group("preprocessing (defaults: --preset, else the --ts file's stored spec, else what the "
+                             "weights declare; run-eval --list-models shows them; docs/models.md)")
     g.add_argument("--preset", choices=sorted(NAMED_PRESETS), default=None,
-                   help="start from a known script's preprocessing instead of the model's; every flag below still "
+                   help="start from a known script's preprocessing instead of the weights'; every flag below still "
                         "overrides it. modelzoo-acc-eval: Ascend ModelZoo's ResNeXt50 acc_eval.py (Resize([256, 256]) "
                         "bicubic, CenterCrop(224), mean 0.485,0.456,0.06), whose 71.35 %% top-1 this reproduces; the "
                         "report lists what differs from the model's correct preprocessing (docs/modelzoo-reference.md)")
@@ -302,6 +320,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of the run (one track per worker and per device stream); "
                         "open it in ui.perfetto.dev or chrome://tracing")
+    p.add_argument("--list-models", nargs="?", const="*", default=None, metavar="PATTERN",
+                   help="list the models and weights tags known (torchvision's, and timm's where installed), each "
+                        "with its declared preprocessing and published top-1, and exit; PATTERN: a shell pattern "
+                        "or a part of the name (timm:* for timm's)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -326,6 +348,10 @@ def _run_eval_command(argv: Optional[List[str]]) -> int:
 
     p = eval_parser()
     a = p.parse_args(argv)
+    if a.list_models is not None:
+        from engine.models.catalog import print_models
+
+        return print_models(a.list_models)
     if not a.data:
         p.error("--data is required")
     _never_fail_on_file_names(sys.stdout)

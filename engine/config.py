@@ -8,18 +8,14 @@ frozen: nothing deep in the code mutates the configuration.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
-from engine.errors import UsageError
+# the preprocessing spec and its helpers live in engine/spec.py; re-exported here
+from engine.spec import (DECODE_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, ConfigError,  # noqa: F401
+                         PreprocessSpec, Resize, describe_resize, format_resize, parse_resize)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-DECODE_MODES = ("exact", "fast", "device")  # device: JPEGs decoded on the GPU (engine/pipeline/encoded.py)
 BACKENDS = ("auto", "cpu", "sim", "cuda", "aie", "npu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: default_precision of the backend that runs
 
@@ -31,117 +27,13 @@ def default_precision(backend: str) -> str:
 SHAPES = ("static", "dynamic")
 
 
-class ConfigError(UsageError):
-    """A bad option value; the message says what to change."""
+def preset_for(model: str, weights: Optional[str] = None, ts: Optional[str] = None,
+               timm_size: str = "test") -> PreprocessSpec:
+    """The preprocessing `model`'s weights declare (torchvision's weights enum, timm's pretrained_cfg,
+    the spec stored in a --ts file): engine/models/catalog.py; the ImageNet default for unknown names."""
+    from engine.models.catalog import resolve
 
-
-# `--resize`: an int resizes the shorter side to it (torchvision's `Resize(256)`); an (h, w) pair
-# resizes the image to exactly that size (`Resize((256, 256))`, the aspect ratio not kept).
-Resize = Union[int, Tuple[int, int]]
-
-_RESIZE_HELP = "one number (the shorter side, like 256) or two, H,W (exactly that size, like 256,256)"
-
-
-def parse_resize(text: str) -> Resize:
-    """`--resize` from the command line: "256" (the shorter side) or "256,256" (height, width)."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--resize needs {_RESIZE_HELP} (got {text!r})") from None
-    if len(values) not in (1, 2) or any(v < 1 for v in values):
-        raise ConfigError(f"--resize needs {_RESIZE_HELP}, each at least 1 (got {text!r})")
-    return values[0] if len(values) == 1 else (values[0], values[1])
-
-
-def format_resize(resize: Resize) -> str:
-    """The command-line form of a resize, which :func:`parse_resize` reads back: "256" or "256,256"."""
-    return str(resize) if isinstance(resize, int) else f"{resize[0]},{resize[1]}"
-
-
-def describe_resize(resize: Resize) -> str:
-    """In words: "shorter side to 256" or "to 256x256 (h x w; the aspect ratio not kept)"."""
-    if isinstance(resize, int):
-        return f"shorter side to {resize}"
-    return f"to exactly {resize[0]}x{resize[1]} (h x w; the aspect ratio not kept)"
-
-
-def _whole(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_resize(resize) -> Resize:
-    """A resize given in code: an int >= 1 or an (h, w) pair of them (a list is taken as a pair)."""
-    if _whole(resize):
-        if resize < 1:
-            raise ConfigError(f"--resize must be positive (got {resize})")
-        return int(resize)
-    if isinstance(resize, (tuple, list)) and len(resize) == 2 and all(_whole(v) and v >= 1 for v in resize):
-        return (int(resize[0]), int(resize[1]))
-    raise ConfigError(f"--resize needs {_RESIZE_HELP} (got {resize!r})")
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How an image becomes model input: resize (the shorter side, or to an exact (h, w)),
-    centre-crop, normalise."""
-
-    resize: Resize = 256
-    crop: int = 224
-    interpolation: str = "bilinear"
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
-    decode: str = "exact"
-
-    def __post_init__(self):
-        object.__setattr__(self, "resize", _check_resize(self.resize))  # a list (from JSON) becomes a pair
-        if self.crop < 1:
-            raise ConfigError(f"--crop must be positive (got {self.crop})")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(
-                f"--interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
-            )
-        if self.decode not in DECODE_MODES:
-            raise ConfigError(f"--decode {self.decode!r} is not one of {', '.join(DECODE_MODES)}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if len(value) != 3:
-                raise ConfigError(f"--{name} needs three comma-separated numbers (got {value!r})")
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"--std values must be positive (got {self.std!r})")
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        """The uint8 HWC shape of one preprocessed image."""
-        return (self.crop, self.crop, 3)
-
-
-# Preprocessing of the published torchvision weights (the "transforms" of each weights enum).
-MODEL_PRESETS = {
-    "resnext50_32x4d": PreprocessSpec(),
-    "resnext101_32x8d": PreprocessSpec(),
-    "resnet18": PreprocessSpec(),
-    "resnet34": PreprocessSpec(),
-    "resnet50": PreprocessSpec(),
-    "resnet101": PreprocessSpec(),
-    "resnet152": PreprocessSpec(),
-    "wide_resnet50_2": PreprocessSpec(),
-    "mobilenet_v2": PreprocessSpec(),
-    "mobilenet_v3_large": PreprocessSpec(),
-    "vgg16": PreprocessSpec(),
-    "densenet121": PreprocessSpec(),
-    "alexnet": PreprocessSpec(),
-    "squeezenet1_1": PreprocessSpec(),
-    "shufflenet_v2_x1_0": PreprocessSpec(),
-    "vit_b_16": PreprocessSpec(),
-    "inception_v3": PreprocessSpec(resize=342, crop=299),
-    "efficientnet_b0": PreprocessSpec(resize=256, crop=224, interpolation="bicubic"),
-}
-
-
-def preset_for(model: str) -> PreprocessSpec:
-    """The preprocessing preset of a model name; the ImageNet default for unknown names."""
-    return MODEL_PRESETS.get(model, PreprocessSpec())
+    return resolve(model, weights, ts, timm_size).spec
 
 
 @dataclass(frozen=True)
@@ -159,14 +51,6 @@ class NamedPreset:
     figures: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     notes: Tuple[str, ...] = ()
 
-
-# torchvision's published figures for its V1 weights with the model's preset preprocessing
-# (the weights enums' `_metrics`); shown beside a named preset's figure.
-PUBLISHED_FIGURES = {
-    "resnext50_32x4d": (77.618, 93.698),
-    "resnet50": (76.130, 92.862),
-    "resnet18": (69.758, 89.078),
-}
 
 NAMED_PRESETS = {
     "modelzoo-acc-eval": NamedPreset(
@@ -196,75 +80,26 @@ def named_preset(name: str) -> NamedPreset:
         raise ConfigError(f"--preset {name!r} is not one of {', '.join(sorted(NAMED_PRESETS))}") from None
 
 
-def _show(field_name: str, value) -> str:
-    if field_name == "resize":
-        return describe_resize(value)
-    if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
-    return str(value)
+def preprocess_differences(spec: PreprocessSpec, model: str, **declared) -> List[Dict[str, str]]:
+    """How `spec` differs from what `model`'s weights declare (engine/models/provenance.py)."""
+    from engine.models.provenance import preprocess_differences as differences
+
+    return differences(spec, model, **declared)
 
 
-def preprocess_differences(spec: PreprocessSpec, model: str) -> List[Dict[str, str]]:
-    """How `spec` differs from the preprocessing `model`'s weights were evaluated with (its
-    preset; torchvision's ImageNet default for a model without one): one entry per field, with
-    both values in words. The decode mode is left out (fast mode is reported on its own)."""
-    correct = preset_for(model)
-    out = []
-    for f in dataclasses.fields(PreprocessSpec):
-        if f.name == "decode":
-            continue
-        used, right = getattr(spec, f.name), getattr(correct, f.name)
-        if used != right:
-            out.append({"field": f.name, "used": _show(f.name, used), "correct": _show(f.name, right)})
-    return out
+def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None, **declared) -> Dict:
+    """Where each preprocessing field came from, how the spec differs from the weights' declaration,
+    the published figures; with --preset, that script's origin (engine/models/provenance.py)."""
+    from engine.models.provenance import preprocessing_check as check
+
+    return check(model, spec, named_preset(preset) if preset is not None else None, **declared)
 
 
-def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None) -> Dict:
-    """What a report says about the preprocessing: how it differs from the model's (its preset),
-    and with `--preset NAME` where that preset comes from, the figure its script reported for this
-    model and torchvision's published figure with the correct preprocessing, side by side."""
-    out: Dict = {
-        "model_has_preset": model in MODEL_PRESETS,
-        "differences": preprocess_differences(spec, model),
-    }
-    if preset is not None:
-        named = named_preset(preset)
-        out.update(preset=preset, source=named.source, notes=list(named.notes),
-                   script_figure=named.figures.get(model), published_figure=PUBLISHED_FIGURES.get(model),
-                   preset_overridden=[f.name for f in dataclasses.fields(PreprocessSpec)
-                                      if f.name != "decode" and getattr(spec, f.name) != getattr(named.spec, f.name)])
-    return out
+def format_preprocessing_check(check: Dict, model: str, top1: Optional[float] = None,
+                               top5: Optional[float] = None) -> List[str]:
+    from engine.models.provenance import format_preprocessing_check as fmt
 
-
-def format_preprocessing_check(check: Dict, model: str) -> List[str]:
-    """The report's lines for :func:`preprocessing_check` (none without a preset or a difference)."""
-    if "preset" not in check:
-        return []
-    lines = [f"  preset        {check['preset']}: the preprocessing of {check['source']}"]
-    if check["preset_overridden"]:
-        lines.append(f"                overridden by flags: {', '.join(check['preset_overridden'])}")
-    if check["differences"]:
-        whose = f"{model}'s weights were evaluated with" if check["model_has_preset"] else \
-            "torchvision's ImageNet default"
-        lines.append(f"  differs from  what {whose}:")
-        for d in check["differences"]:
-            lines.append(f"    {d['field']:<14}{d['used']}  (correct: {d['correct']})")
-    else:
-        lines.append(f"                the same as {model}'s own preprocessing")
-    script, published = check.get("script_figure"), check.get("published_figure")
-    if script or published:
-        parts = []
-        if script:
-            parts.append(f"that script's figure {script[0]:.3f} / {script[1]:.3f}")
-        if published:
-            parts.append(f"torchvision's published figure for its V1 weights with the correct preprocessing "
-                         f"{published[0]:.3f} / {published[1]:.3f}")
-        lines.append(f"  {model}: " + "; ".join(parts) + " (top-1 / top-5 %)")
-    lines.append("  correct run   the same command without --preset (the model's preprocessing); "
-                 "docs/modelzoo-reference.md explains the gap")
-    for note in check["notes"]:
-        lines.append(f"  note          {note}")
-    return lines
+    return fmt(check, model, top1, top5)
 
 
 def parse_devices(text) -> Optional[Tuple[int, ...]]:
@@ -317,8 +152,9 @@ class ModelOptions:
     """Which model: a name (`--model`), its weights (`--weights`), or a TorchScript file (`--ts`)."""
 
     name: str = "resnext50_32x4d"  # --model
-    weights: Optional[str] = None
+    weights: Optional[str] = None  # a tag (IMAGENET1K_V2, DEFAULT), a file, or TAG=FILE
     ts: Optional[str] = None
+    timm_input_size: str = "test"  # --timm-input-size: timm's test size (validate.py's) or its train size
 
     def __post_init__(self):
         if self.weights is not None and self.ts is not None:
@@ -473,6 +309,7 @@ FLAT_FIELDS: Dict[str, Tuple[str, ...]] = {
     "data": ("data", "path"), "labels": ("data", "labels"), "limit": ("data", "limit"),
     "num_classes": ("data", "num_classes"),
     "model": ("model", "name"), "weights": ("model", "weights"), "ts": ("model", "ts"),
+    "timm_input_size": ("model", "timm_input_size"),
     "backend": ("backend", "name"), "device": ("backend", "device"), "devices": ("backend", "devices"),
     "precision": ("backend", "precision"), "shape": ("backend", "shape"), "cache_dir": ("backend", "cache_dir"),
     "use_cache": ("backend", "use_cache"), "threads": ("backend", "threads"),
@@ -588,9 +425,10 @@ def parse_triple(text: str, flag: str) -> Tuple[float, float, float]:
 
 def resolve_config(model: str = "resnext50_32x4d", preprocess_overrides: Optional[dict] = None,
                    preset: Optional[str] = None, **fields) -> RunConfig:
-    """The named `preset` (else the model's), with every non-None preprocessing override applied,
-    and the run fields."""
-    spec = named_preset(preset).spec if preset is not None else preset_for(model)
+    """The named `preset` (else what the model's weights or the --ts file declare), with every
+    non-None preprocessing override applied, and the run fields."""
+    spec = named_preset(preset).spec if preset is not None else preset_for(
+        model, fields.get("weights"), fields.get("ts"), fields.get("timm_input_size", "test"))
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, **overrides)

@@ -89,7 +89,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "loop": loop,
         "config": cfg.to_dict(),
         # how the preprocessing differs from the model's, and a --preset's origin (engine/config.py)
-        "preprocessing_check": preprocessing_check(cfg.model.name, cfg.preprocess, cfg.preset),
+        "preprocessing_check": preprocessing_check(cfg.model.name, cfg.preprocess, cfg.preset, weights=cfg.model.weights,
+                                                   ts=cfg.model.ts, timm_size=cfg.model.timm_input_size),
         "version": __version__,
         "environment": environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -200,7 +201,9 @@ def run_eval(cfg: RunConfig, out=None, handle_signals: bool = True) -> Tuple[Dic
     if session.pixel_cache is not None:
         text += "\n" + format_pixel_cache(report["pixel_cache"])
     print(text, file=out)
-    for line in format_preprocessing_check(report["preprocessing_check"], cfg.model.name):
+    report["published"] = report["preprocessing_check"].get("published")  # what the weights' makers measured
+    for line in format_preprocessing_check(report["preprocessing_check"], cfg.model.name, report["top1"],
+                                           report["top5"]):
         print(line, file=out)
     if cfg.output.json_path:
         write_json(cfg.output.json_path, report)

@@ -38,8 +38,9 @@ def cache_parser() -> argparse.ArgumentParser:
                     "no device: decode every image the cache lacks, with a progress bar; resumable. "
                     "--export-bin also writes one raw .bin per image (the ModelZoo prep_dataset layout).")
     add_data_args(p)
-    p.add_argument("--model", default="resnext50_32x4d",
-                   help="picks the preprocessing preset, as in run-eval (default: %(default)s)")
+    from engine.cli import add_model_source_args
+
+    add_model_source_args(p.add_argument_group("model (whose declared preprocessing, as in run-eval)"))
     add_preprocess_args(p)
     add_pixel_cache_args(p)
     g = p.add_argument_group("decoding")

@@ -7,6 +7,7 @@
 #
 #   --ray          also install the Ray extra (ray[data] + pyarrow); `make test` passes it
 #   --no-ray       do not install Ray (the default)
+#   --no-timm      do not install the timm extra (installed by default, so the timm tests run)
 #   --no-simd      keep stock Pillow, do not build pillow-simd
 #   --force-simd   retry the pillow-simd build even if an earlier attempt failed
 #
@@ -14,6 +15,9 @@
 #   PYTHON=python3               interpreter that creates the venv
 #   VENV=.venv                   venv location, relative to the repository root
 #   WITH_RAY=0|1                 same as --ray / --no-ray
+#   WITH_TIMM=1|0                same as --no-timm when 0
+#   TIMM_SPECS="timm==1.0.30 ..." the timm extra and each of its dependencies, installed with
+#                                --no-deps (default: TIMM_SPECS below; the same pins on both stacks)
 #   WITH_SIMD=1|0                same as --no-simd when 0
 #   PILLOW_SIMD_SPEC=...         pip requirement for pillow-simd (default pillow-simd==12.1.1.post0)
 #   RAY_SPEC=...                 pip requirement for Ray (default ray[data])
@@ -44,6 +48,11 @@ ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 WITH_RAY=${WITH_RAY:-0}
+WITH_TIMM=${WITH_TIMM:-1}
+# timm 1.0.30: the newest that installs on Python 3.9 (1.0.31 needs 3.10). Each dependency of
+# timm and huggingface_hub is named, so pip resolves nothing (hf-xet is left out: huggingface_hub
+# imports it only for Xet-stored downloads).
+TIMM_SPECS=${TIMM_SPECS:-timm==1.0.30 huggingface_hub==0.36.0 safetensors==0.6.2 tqdm>=4.42.1 pyyaml>=5.1 fsspec>=2023.5.0 filelock packaging requests typing-extensions}
 WITH_SIMD=${WITH_SIMD:-1}
 FORCE_SIMD=${FORCE_SIMD:-0}
 PILLOW_SIMD_SPEC=${PILLOW_SIMD_SPEC:-pillow-simd==12.1.1.post0}
@@ -59,9 +68,10 @@ for arg in "$@"; do
     case "$arg" in
         --ray) WITH_RAY=1 ;;
         --no-ray) WITH_RAY=0 ;;
+        --no-timm) WITH_TIMM=0 ;;
         --no-simd) WITH_SIMD=0 ;;
         --force-simd) FORCE_SIMD=1 ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "setup-env: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -269,6 +279,22 @@ if [[ "$WITH_RAY" == 1 ]]; then
 fi
 
 # --------------------------------------------------------------------------------------
+# 4b. timm extra (timm:ARCH.TAG models), each package with --no-deps: timm depends on
+#     torchvision, and a resolving install could put stock Pillow back over pillow-simd.
+#     Failures are not fatal: the timm tests then skip with the reason.
+# --------------------------------------------------------------------------------------
+if [[ "$WITH_TIMM" == 1 ]]; then
+    read -r -a timm_specs <<<"$TIMM_SPECS"
+    if reqs_satisfied "${timm_specs[@]}"; then
+        say "timm extra already installed"
+    elif pip_logged timm install --no-deps "${timm_specs[@]}"; then
+        say "timm extra installed (${timm_specs[0]})"
+    else
+        notice "timm extra install failed; timm tests will be skipped (log: $LOGDIR/timm.log)"
+    fi
+fi
+
+# --------------------------------------------------------------------------------------
 # 5. This package, editable, without dependencies (they are installed above; letting pip
 #    resolve them would reinstall stock Pillow over pillow-simd via torchvision)
 # --------------------------------------------------------------------------------------
@@ -432,6 +458,7 @@ rows = [
     ("region decoder", __import__("preprocess.jpegregion", fromlist=["status"]).status()),
     ("pyarrow", ver("pyarrow") or "not installed"),
     ("ray", ver("ray") or "not installed"),
+    ("timm", ver("timm") or "not installed"),
     ("imagenet-engine", ver("imagenet-engine") or "not installed"),
 ]
 print("setup-env: summary")

@@ -16,6 +16,10 @@ if ROOT not in sys.path:
 # Tests never reach the network: no weight downloads, here or in the commands they start
 # (tests/test_weights.py serves its own files on loopback and unsets this itself).
 os.environ["IMAGENET_ENGINE_NO_DOWNLOAD"] = "1"
+# ... and the Hugging Face Hub client neither (timm models: tests/test_models.py). Set here, before
+# any test module loads the region decoder: on torchvision 0.15 it may live in a dlmopen namespace
+# whose own libc keeps the environment array it saw, so the tests add no variables in-process later.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from engine.procs import pid_alive, worker_processes  # noqa: E402
 from engine.pipeline.ring import NAME_PREFIX, SHM_DIR  # noqa: E402

@@ -269,6 +269,9 @@ for kw in [{}, {}, {"optimization_level": 1}, {"optimization_level": 1}, {"soc_v
     b.close()
 out["cache_seq"] = seq
 out["cache_files"] = sorted(os.listdir(os.path.join(CACHE, "compiled")))
+import json as _json
+out["cache_specs"] = [_json.load(open(os.path.join(CACHE, "compiled", f)))["preprocess"]
+                      for f in out["cache_files"] if f.endswith(".json")]
 
 # 3. errors
 def error(fn):
@@ -335,6 +338,8 @@ def test_compile_cache_hit_on_second_run_miss_when_an_option_changes(unit):
         ["off", 1],                       # --no-cache: compiled, nothing read
     ]
     assert sum(f.endswith(".ts") for f in unit["cache_files"]) == 6
+    # the .json beside each compiled model keeps the preprocessing it was compiled for
+    assert len(unit["cache_specs"]) == 6 and all(s["crop"] == SIDE and s["resize"] == SIDE for s in unit["cache_specs"])
     assert not [f for f in unit["cache_files"] if f.endswith(".partial")]
 
 

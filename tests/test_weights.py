@@ -48,8 +48,9 @@ def _state_dict_file(www, stem: str, good_hash: bool = True) -> str:
     return name
 
 
-def _point_at(monkeypatch, tmp_path, url):
-    monkeypatch.setattr(zoo, "_v1_weights_url", lambda model: url)
+def _point_at(monkeypatch, tmp_path, url, tag="IMAGENET1K_V1"):
+    """Serve `url` for weights `tag` of any model (another tag has no url)."""
+    monkeypatch.setattr(zoo, "_weights_url", lambda model, t: url if t == tag else None)
     monkeypatch.setattr(zoo, "_download_failed", {})
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv(zoo.NO_DOWNLOAD_ENV, raising=False)
@@ -89,6 +90,7 @@ def test_unreachable_and_no_download(tmp_path, monkeypatch, served):
 
 def test_random_weights_say_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(zoo, "_warned", set())
     monkeypatch.setenv(zoo.NO_DOWNLOAD_ENV, "1")
     net, source = zoo.build_torchvision("resnet18", None)
     assert source == "random"
@@ -102,3 +104,26 @@ def test_model_name_is_the_ts_file():
     cfg = resolve_config("resnext50_32x4d", backend="cpu", ts="models/effnet.ts")
     assert zoo.model_name(cfg) == "models/effnet.ts"
     assert zoo.model_name(cfg.replace(ts=None)) == "resnext50_32x4d"
+
+
+def test_a_tag_downloads_its_own_file(served, tmp_path, monkeypatch):
+    """--weights IMAGENET1K_V2 resolves to V2's file (cache, else download), not V1's."""
+    www, base = served
+    name = _state_dict_file(www, "tiny-v2")
+    _point_at(monkeypatch, tmp_path, f"{base}/{name}", tag="IMAGENET1K_V2")
+    path, how, tag = zoo.resolve_weights("tiny", "IMAGENET1K_V2")
+    assert (how, tag) == ("downloaded", "IMAGENET1K_V2") and path.endswith(name)
+    path1, why, tag1 = zoo.resolve_weights("tiny", None)  # the default tag: V1, which has no url here
+    assert path1 is None and tag1 == "IMAGENET1K_V1" and "no IMAGENET1K_V1 weights" in why
+
+
+def test_tag_file_and_its_sha_before_the_run(served, tmp_path, monkeypatch):
+    """run-score's run.json and the aie identity see a tag's file by its sha256."""
+    from engine.models.zoo import weights_sha256
+
+    www, base = served
+    name = _state_dict_file(www, "tiny-v2")
+    _point_at(monkeypatch, tmp_path, f"{base}/{name}", tag="IMAGENET1K_V2")
+    want = hashlib.sha256((www / name).read_bytes()).hexdigest()
+    assert weights_sha256("tiny", "IMAGENET1K_V2") == want
+    assert weights_sha256("tiny", None) is None

@@ -25,6 +25,7 @@ tests/fakes/torch_aie. What it does:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import sys
 import threading
@@ -37,8 +38,9 @@ import torch
 from engine import __version__
 from engine.backends.base import Backend, BackendError, HostBuffers, InFlight, timed_calls
 from engine.models.compile_cache import CompileCache, cache_key
-from engine.models.zoo import (InputAdapter, WithInput, build_model, file_sha256, model_name, torchvision_weights,
-                           quiet_jit)
+from engine.models.catalog import is_timm
+from engine.models.zoo import (InputAdapter, WithInput, build_model, file_sha256, model_name, preprocessing_of,
+                               quiet_jit, resolve_weights)
 
 # --precision -> torch_aie.PrecisionPolicy member name
 POLICIES = {"fp16": "FP16", "fp32": "FP32"}
@@ -181,21 +183,25 @@ class AieBackend(Backend):
                 raise BackendError(f"--ts {cfg.model.ts}: no such file")
             sha = file_sha256(cfg.model.ts)
             self._model_info = {"model": model_name(cfg), "source": "torchscript", "ts": cfg.model.ts, "sha256": sha,
-                                "preset": cfg.model.name}
+                                "preset": preprocessing_of(cfg)}
             return {"kind": "torchscript", "sha256": sha}
-        weights = cfg.model.weights or torchvision_weights(cfg.model.name)[0]
+        weights, _, _ = resolve_weights(cfg.model.name, cfg.model.weights)  # a tag becomes its file here, before the key
+        family = "timm" if is_timm(cfg.model.name) else "torchvision"
         if weights is None:
             import torchvision
 
-            self._model_info = {"model": cfg.model.name, "source": "torchvision", "weights": "random"}
-            return {"kind": "torchvision", "model": cfg.model.name, "weights": "random (seed 0)",
-                    "torch": torch.__version__, "torchvision": torchvision.__version__,
-                    "num_classes": cfg.data.num_classes}
+            self._model_info = {"model": cfg.model.name, "source": family, "weights": "random"}
+            ident = {"kind": family, "model": cfg.model.name, "weights": "random (seed 0)",
+                     "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "num_classes": cfg.data.num_classes}
+            if family == "timm":
+                ident["timm"] = __import__("timm").__version__
+            return ident
         if not os.path.isfile(weights):
             raise BackendError(f"--weights {weights}: no such file")
         sha = file_sha256(weights)
-        self._model_info = {"model": cfg.model.name, "source": "torchvision", "weights": weights, "sha256": sha}
-        return {"kind": "torchvision", "model": cfg.model.name, "weights_sha256": sha, "num_classes": cfg.data.num_classes}
+        self._model_info = {"model": cfg.model.name, "source": family, "weights": weights, "sha256": sha}
+        return {"kind": family, "model": cfg.model.name, "weights_sha256": sha, "num_classes": cfg.data.num_classes}
 
     def _options(self, identity: Dict, dtype_name: str, batch_size: int) -> Dict:
         cfg, spec = self.config, self.spec
@@ -287,7 +293,10 @@ class AieBackend(Backend):
                         pending_refusal = (key, reason)
                         continue
                     raise BackendError(f"aie: torch_aie.compile failed ({self._what(batch_size)}): {reason}")
-                self.cache.store(key, lambda p, m=model: self._save(m, p), options)
+                # the .json beside the artifact also keeps the preprocessing (not in the key: only the
+                # crop's shape and the mean/std compile into the model, and those are in `options`)
+                self.cache.store(key, lambda p, m=model: self._save(m, p),
+                                 dict(options, preprocess=dataclasses.asdict(self.spec)))
             else:
                 print(f"aie: compiled model from the cache: {self.cache.path(key)}", file=sys.stderr)
             if pending_refusal is not None:  # remembered only once another dtype compiled fine

@@ -82,9 +82,11 @@ class Analysis:
             self.rows.fail(index, reason)
 
     def report(self, metrics, cfg) -> Dict:
-        """The report's keys: `statistics`, `label_set`, `real` (with --real-labels), `published`."""
+        """The report's keys: `statistics`, `label_set` (with `published`: timm's figure for this label
+        set and for ReaL, where its tables have the model), `real` (with --real-labels). The report's
+        top-level `published` is the ImageNet-1k figure the weights declare (engine/models/provenance.py)."""
         out: Dict = {"statistics": self.stats.report(metrics.correct, metrics.images, self.ds.class_names)}
-        label_set = {"name": self.label_set, "description": labelsets.LABEL_SET_NAMES.get(self.label_set, ""),
+        label_set: Dict = {"name": self.label_set, "description": labelsets.LABEL_SET_NAMES.get(self.label_set, ""),
                      "class_subset": self.class_subset,
                      "restricted_to": int(self.mask.sum()) if self.mask is not None else None,
                      "note": self.mask_note or None}
@@ -99,7 +101,7 @@ class Analysis:
                 fig = labelsets.published_for(model, name, cfg.preprocess.crop)
                 if fig is not None:
                     published[name] = fig
-        out["published"] = published
+        label_set["published"] = published
         if self.real is not None:
             out["real"] = self.real.report()
         return out
@@ -131,7 +133,7 @@ def format_analysis(report: Dict) -> List[str]:
     if real:
         parts.append(f"ReaL top-1 {real['accuracy']:.3f} % ({real['correct']:,} / {real['images']:,} with ReaL labels)"
                      f" top-5 {real['accuracy_top5']:.3f} %")
-    for name, fig in (report.get("published") or {}).items() if parts else ():
+    for name, fig in ((report.get("label_set") or {}).get("published") or {}).items() if parts else ():
         parts.append(f"published ({fig['tag']} @{fig['img_size']}, {name}) {fig['top1']:.3f} / {fig['top5']:.3f}")
     if parts:
         lines.append("  label set     " + "; ".join(parts))

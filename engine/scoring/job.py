@@ -63,6 +63,10 @@ def _json_roundtrip(d: Dict) -> Dict:
 def run_metadata(cfg: RunConfig, opts: ScoreOptions, manifest: Manifest, labelled: bool = False) -> Dict:
     """run.json: the fingerprint (FINGERPRINT_KEYS) plus what is useful to know about the run."""
     weights_sha = file_sha256(cfg.model.weights) if cfg.model.weights and os.path.isfile(cfg.model.weights) else None
+    if cfg.model.weights and weights_sha is None and not cfg.model.ts:  # a weights tag counts by its file's sha256
+        from engine.models.zoo import weights_sha256
+
+        weights_sha = weights_sha256(cfg.model.name, cfg.model.weights)
     ts_sha = file_sha256(cfg.model.ts) if cfg.model.ts and os.path.isfile(cfg.model.ts) else None
     meta = {
         "manifest_sha256": manifest.sha256, "manifest_images": len(manifest), "part_size": opts.part_size,
