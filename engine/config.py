@@ -87,21 +87,6 @@ def preprocess_differences(spec: PreprocessSpec, model: str, **declared) -> List
     return differences(spec, model, **declared)
 
 
-def preprocessing_check(model: str, spec: PreprocessSpec, preset: Optional[str] = None, **declared) -> Dict:
-    """Where each preprocessing field came from, how the spec differs from the weights' declaration,
-    the published figures; with --preset, that script's origin (engine/models/provenance.py)."""
-    from engine.models.provenance import preprocessing_check as check
-
-    return check(model, spec, named_preset(preset) if preset is not None else None, **declared)
-
-
-def format_preprocessing_check(check: Dict, model: str, top1: Optional[float] = None,
-                               top5: Optional[float] = None) -> List[str]:
-    from engine.models.provenance import format_preprocessing_check as fmt
-
-    return fmt(check, model, top1, top5)
-
-
 def parse_devices(text) -> Optional[Tuple[int, ...]]:
     """`--devices`: "0,1", "0-3", "0,2-3" (ids in the order given, no repeats) or "all" (None: every
     device the backend reports, counted inside a device process)."""

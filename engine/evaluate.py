@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from engine import __version__
-from engine.config import RunConfig, format_preprocessing_check, preprocessing_check
+from engine.config import RunConfig, named_preset
 from engine.backends.base import AllDevicesLost
 from engine.errors import EXIT_DEVICE_LOST, EXIT_ERROR, EXIT_FAILED_IMAGES, EXIT_OK, exit_for_signal
 from engine.pipeline.dataset import Dataset, build_dataset
@@ -25,6 +25,7 @@ from engine.pipeline.pool import WorkerPool
 from engine.pipeline.scheduler import BatchResult, PipelineStats
 from engine.pipeline.session import Session, close_pixel_cache, measure_compute_only, open_pixel_cache  # noqa: F401
 from engine.procs import usable_cores
+from engine.models.provenance import format_preprocessing_check, preprocessing_check
 from engine.report.analysis import Analysis
 from engine.report.metrics import Metrics
 from engine.report.output import Progress, environment, format_eval, write_json
@@ -89,8 +90,9 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         "loop": loop,
         "config": cfg.to_dict(),
         # how the preprocessing differs from the model's, and a --preset's origin (engine/config.py)
-        "preprocessing_check": preprocessing_check(cfg.model.name, cfg.preprocess, cfg.preset, weights=cfg.model.weights,
-                                                   ts=cfg.model.ts, timm_size=cfg.model.timm_input_size),
+        "preprocessing_check": preprocessing_check(
+            cfg.model.name, cfg.preprocess, named_preset(cfg.preset) if cfg.preset is not None else None,
+            weights=cfg.model.weights, ts=cfg.model.ts, timm_size=cfg.model.timm_input_size),
         "version": __version__,
         "environment": environment(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
