@@ -29,6 +29,10 @@ NOTE [Device processes]
 - Every block this side creates carries the ring's name prefix and this pid: the next run's
   `cleanup_stale` removes them if this process is killed outright. Device processes die with us
   (PR_SET_PDEATHSIG) and on EOF.
+
+(Over 500 lines on purpose: placing a batch, the replies, a device's loss and the redo of its
+batches are one protocol under one lock; split in two, each half would depend on the other's
+invariants.)
 """
 
 from __future__ import annotations
