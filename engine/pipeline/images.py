@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,24 +61,31 @@ def imagenet_names() -> Tuple[str, ...]:
     return tuple(name for _, name in imagenet_classes())
 
 
-def read_label_file(path: str) -> List[Tuple[str, int]]:
-    """Parse `FILENAME INDEX` lines; blank lines and `#` comments are skipped."""
-    entries: List[Tuple[str, int]] = []
+def read_pairs(path: str, flag: str, form: str, error=DatasetError) -> Iterator[Tuple[int, str, str]]:
+    """(line number, first, last) of each `A B` line of a text file (`form` names the two, like
+    'FILENAME INDEX'); blank lines and `#` comments are skipped. `error(message)` names the flag,
+    the file and the line of what cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise DatasetError(f"--labels {path}: cannot read ({e.strerror or e})")
+        raise error(f"{flag} {path}: cannot read ({e.strerror or e})")
     except UnicodeDecodeError:
-        raise DatasetError(f"--labels {path}: not a text file (expected lines 'FILENAME INDEX')")
+        raise error(f"{flag} {path}: not a text file (expected lines '{form}')")
     for number, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
         parts = text.rsplit(None, 1)
         if len(parts) != 2:
-            raise DatasetError(f"--labels {path}:{number}: expected 'FILENAME INDEX', got {line!r}")
-        name, index = parts
+            raise error(f"{flag} {path}:{number}: expected '{form}', got {line!r}")
+        yield number, parts[0], parts[1]
+
+
+def read_label_file(path: str) -> List[Tuple[str, int]]:
+    """Parse `FILENAME INDEX` lines; blank lines and `#` comments are skipped."""
+    entries: List[Tuple[str, int]] = []
+    for number, name, index in read_pairs(path, "--labels", "FILENAME INDEX"):
         try:
             label = int(index)
         except ValueError:

@@ -30,6 +30,7 @@ import numpy as np
 
 from engine.classes import imagenet_classes, wnid_to_index
 from engine.pipeline.dataset import Dataset, DatasetError, numbered
+from engine.pipeline.images import read_pairs
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 REAL_JSON = os.path.join(DATA_DIR, "real.json")
@@ -135,23 +136,9 @@ def restrict(logits: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
 # -- --class-map ---------------------------------------------------------------------------------
 def read_class_map(path: str, num_classes: int) -> Dict[str, int]:
     """`FOLDER CLASS` lines (CLASS: a model index, or an ImageNet wnid); `#` comments, blank lines skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise LabelSetError(f"--class-map {path}: cannot read ({e.strerror or e})")
-    except UnicodeDecodeError:
-        raise LabelSetError(f"--class-map {path}: not a text file (expected lines 'FOLDER CLASS')")
     table = wnid_to_index()
     out: Dict[str, int] = {}
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            raise LabelSetError(f"--class-map {path}:{number}: expected 'FOLDER CLASS', got {line!r}")
-        key, value = parts
+    for number, key, value in read_pairs(path, "--class-map", "FOLDER CLASS", LabelSetError):
         if value.isdigit():
             index = int(value)
         elif value in table:

@@ -272,6 +272,16 @@ def _read_jsonl(path: str) -> Dict:
     return cols
 
 
+def read_part_columns(path: str, fmt: str) -> Dict[str, list]:
+    """The columns of one run-score part file (parquet, csv or jsonl), by name; CSV cells as text
+    (empty for null), the top-k lists parsed."""
+    if fmt == "parquet":
+        return _read_parquet(path)[0]
+    if fmt == "csv":
+        return _read_csv(path)[0]
+    return _read_jsonl(path)
+
+
 def _read_run_score(folder: str) -> Rows:
     from engine.scoring.manifest import MANIFEST_FILE, ManifestError, load_manifest
     from engine.scoring.writer import RUN_FILE, OutputDir
@@ -292,13 +302,7 @@ def _read_run_score(folder: str) -> Rows:
                             "(run run-score again with the same options) before comparing it")
     cols: Dict[str, list] = {}
     for p in range(out.num_parts):
-        part = out.part_path(p)
-        if run["format"] == "parquet":
-            c, _ = _read_parquet(part)
-        elif run["format"] == "csv":
-            c, _ = _read_csv(part)
-        else:
-            c = _read_jsonl(part)
+        c = read_part_columns(out.part_path(p), run["format"])
         for k, v in c.items():
             cols.setdefault(k, []).extend(v)
     sizes = dict(zip(manifest.paths, manifest.sizes.tolist()))

@@ -9,8 +9,6 @@ label found in the stored top-k at rank r counts for every k > r), under run-eva
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -41,36 +39,17 @@ def manifest_labels(data: Optional[str], manifest) -> Optional[np.ndarray]:
 
 def read_part(path: str, fmt: str) -> Tuple[np.ndarray, List[Optional[List[int]]], List[Optional[str]],
                                              Optional[np.ndarray]]:
-    """(ids, top-k index lists (None for a failed image), errors, labels or None) of one part file."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    """(ids, top-k index lists (None for a failed image), errors, labels or None) of one part file,
+    read as compare-runs reads run-score parts (engine/report/perimage.py)."""
+    from engine.report.perimage import read_part_columns
 
-        table = pq.read_table(path)
-        cols = set(table.column_names)
-        ids = np.asarray(table.column("id").to_pylist(), np.int64)
-        topk = table.column("topk_index").to_pylist()
-        errors = table.column("error").to_pylist()
-        labels = None
-        if LABEL_COLUMN in cols:
-            labels = np.asarray([-1 if v is None else v for v in table.column(LABEL_COLUMN).to_pylist()], np.int64)
-        return ids, topk, errors, labels
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    rows: List[Dict] = []
-    if fmt == "jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        has_label = bool(rows) and LABEL_COLUMN in rows[0]
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        has_label = LABEL_COLUMN in (reader.fieldnames or [])
-        for r in reader:
-            rows.append({"id": int(r["id"]), "topk_index": json.loads(r["topk_index"]) if r["topk_index"] else None,
-                         "error": r["error"] or None,
-                         LABEL_COLUMN: int(r[LABEL_COLUMN]) if has_label and r[LABEL_COLUMN] != "" else None})
-    ids = np.asarray([r["id"] for r in rows], np.int64)
-    labels = np.asarray([-1 if r.get(LABEL_COLUMN) is None else r[LABEL_COLUMN] for r in rows], np.int64) \
-        if has_label else None
-    return ids, [r["topk_index"] for r in rows], [r["error"] for r in rows], labels
+    cols = read_part_columns(path, fmt)
+    ids = np.asarray([int(v) for v in cols.get("id", [])], np.int64)
+    errors = [v if v not in (None, "") else None for v in cols.get("error", [])]
+    labels = None
+    if LABEL_COLUMN in cols:
+        labels = np.asarray([-1 if v in (None, "") else int(v) for v in cols[LABEL_COLUMN]], np.int64)
+    return ids, cols.get("topk_index", [None] * len(ids)), errors, labels
 
 
 def _rank(topk_index: Optional[List[int]], label: int, past: int) -> int:
