@@ -25,10 +25,7 @@ from engine.backends.sim import SimBackend
 from engine.config import resolve_config
 from engine.pipeline.dataset import build_dataset
 from engine.pipeline.pixelcache import MISS, CacheFull, PixelCache
-from engine.pipeline.pool import WorkerPool
-from engine.pipeline.ring import Ring
-from engine.pipeline.scheduler import new_event_loop, run_pipeline
-from engine.pipeline.sources import CacheSource, PoolSource
+from engine.pipeline.session import Session
 
 EVAL = os.path.join(ROOT, "bin", "run-eval")
 SCORE = os.path.join(ROOT, "bin", "run-score")
@@ -60,18 +57,15 @@ BAD = 6
 
 
 def drive(data, cache_dir=None, batch=8, workers=2, static=False, limit=None, write=True, put=None):
-    """Pool + scheduler (+ cache) on the sim backend. Returns ({index: (ok, logits, reason)}, source
-    stats or None, the pool)."""
+    """A Session (pool + scheduler, + the cache) on the sim backend. Returns ({index: (ok, logits,
+    reason)}, the pixel cache's stats or None, the pool)."""
     ds = build_dataset(data, limit=limit)
-    cfg = resolve_config("resnext50_32x4d", backend="sim", batch_size=batch, workers=workers, sim_batch_ms=0.5)
+    cfg = resolve_config("resnext50_32x4d", backend="sim", batch_size=batch, workers=workers, sim_batch_ms=0.5,
+                         pixel_cache=cache_dir)
     backend = SimBackend(cfg)
     backend.prepare(batch)
     if static:
-        backend.static_shape = True
-    ring = Ring(cfg.pipeline.slots, batch, cfg.preprocess.shape)
-    cache = PixelCache.open(cache_dir, ds, cfg.preprocess, None) if cache_dir else None
-    if cache is not None and put is not None:
-        cache.put = put(cache)
+        backend.static_shape = True  # the Session pads every batch to the batch size
     got = {}
 
     def reduce(r):
@@ -80,38 +74,14 @@ def drive(data, cache_dir=None, batch=8, workers=2, static=False, limit=None, wr
             assert i not in got, f"image {i} reduced twice"
             got[i] = (bool(r.ok[j]), r.logits[j].copy(), reasons.get(j))
 
-    out = {}
-
-    async def main():
-        pool = WorkerPool(ring, ds, cfg.preprocess, workers)
-        pad = batch if static else 0
-        source = None
-        try:
-            if cache is None:
-                await pool.start()
-                src = PoolSource(pool, ring, pad)
-            else:
-                src = source = CacheSource(cache, ds, pool, ring, pad, ahead=cfg.pipeline.slots, write=write and cache.writable)
-                await source.start(0, len(ds))
-            await run_pipeline(src, backend, len(ds), batch, cfg.pipeline.inflight, reduce)
-            if source is not None:
-                await source.finish()
-        finally:
-            if source is not None:
-                source.close()
-                out["stats"] = source.stats()
-            pool.close()
-        out["pool"] = pool
-
-    loop = new_event_loop()
+    session = Session(cfg, ds, backend=backend, cache_write=write).open()
     try:
-        loop.run_until_complete(main())
+        if session.cache is not None and put is not None:
+            session.cache.put = put(session.cache)
+        session.run(0, len(ds), reduce)
     finally:
-        loop.close()
-        ring.close()
-        if cache is not None:
-            cache.close()
-    return got, out.get("stats"), out["pool"]
+        session.close()
+    return got, session.pixel_cache, session.pool
 
 
 def assert_same(got, ref):
