@@ -78,7 +78,8 @@ def build_report(cfg: RunConfig, ds: Dataset, metrics: Metrics, backend_info: Di
         # stage partition of the wall time, decode vs device capacity, verdict (engine/report/profile.py)
         "profile": with_device_decode(
             breakdown(stats, workers, cfg.pipeline.workers, compute, n_done, cfg.preprocess.decode,
-                      backend_info.get("backend", cfg.backend.name), usable_cores()),
+                      backend_info.get("backend", cfg.backend.name), usable_cores(),
+                      devices=len(backend_info.get("devices") or ()) or 1),
             backend_info.get("device_decode")),
         "decode_mode": cfg.preprocess.decode,
         # --decode device: the GPU decoder as a stage (images, seconds, rate, routes, host share)

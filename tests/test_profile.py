@@ -132,3 +132,12 @@ def test_trace_of_a_synthetic_run_is_serial_per_stream():
     # batch 1 was copied at 1.3 s but the device was busy with batch 0 until 2.0 s
     assert compute == [(pytest.approx(1.2e6), pytest.approx(0.8e6)), (pytest.approx(2.0e6), pytest.approx(1.0e6))]
     json.dumps(doc)
+
+
+def test_the_verdict_counts_the_devices():
+    dec = [_bt(i, 0.0, 0.08 * (i + 1), 0.08 * (i + 1), 0.08 * (i + 1), 0.08 * (i + 1) + 0.008, 0.08 * (i + 1) + 0.009)
+           for i in range(20)]
+    busy = [{"worker": w, "images": 80, "busy_s": 1.6} for w in range(2)]
+    p = breakdown(_stats(dec, 1.61), busy, 2, 1000.0, 160, cores=4, devices=4)
+    assert p["devices"] == 4 and p["bound"] == "decode"
+    assert "the 4 devices take 1,000; about 22 workers would saturate them" in p["verdict"]

@@ -86,11 +86,12 @@ def workers_needed(target_rate: float, per_worker_rate: float, headroom: float =
 
 
 def breakdown(stats, worker_stats: Sequence[Dict], workers: int, compute_rate: float, images: int,
-              decode_mode: str = "exact", backend: str = "", cores: Optional[int] = None) -> Dict:
+              decode_mode: str = "exact", backend: str = "", cores: Optional[int] = None, devices: int = 1) -> Dict:
     """The `profile` section of a report: stage partition, per-batch means, capacities, verdict.
 
     `stats`: the run's `PipelineStats`; `worker_stats`: `WorkerPool.worker_stats()`;
-    `compute_rate`: compute-only img/s (0 if not measured); `images`: images done (scored + failed).
+    `compute_rate`: compute-only img/s (0 if not measured; with `devices` > 1, every device's at once,
+    summed); `images`: images done (scored + failed).
     """
     batches = list(stats.batches)
     wall = stats.wall_s
@@ -125,6 +126,7 @@ def breakdown(stats, worker_stats: Sequence[Dict], workers: int, compute_rate: f
         "device_capacity": compute_rate,
         "end_to_end": e2e,
         "ratio": e2e / compute_rate if compute_rate else None,
+        "devices": devices,
     }
     prof["bound"], prof["verdict"] = verdict(prof, backend, cores)
     return prof
@@ -134,12 +136,15 @@ def verdict(p: Dict, backend: str = "", cores: Optional[int] = None) -> Tuple[st
     """(bound stage, one line naming it and what to change) from a `breakdown` dict."""
     ratio, dev, cap, w = p["ratio"], p["device_capacity"], p["decode_capacity"], p["workers"]
     shares = p["stages_share"]
+    n = p.get("devices", 1)
+    takes = "the device takes" if n == 1 else f"the {n} devices take"
     if p["per_batch"]["batches"] < 3 or not dev:
         return "unknown", (f"too short to tell: {p['per_batch']['batches']} batch(es)"
                            if dev else "no compute-only figure to compare with")
     if ratio >= DEVICE_BOUND:
         extra = f"; decode could deliver {cap:,.0f} img/s" if cap else ""
-        return "device", f"device-bound: end to end is {ratio:.2f} of compute-only{extra}"
+        both = "" if n == 1 else f" ({n} devices, compute-only summed over them running at once)"
+        return "device", f"device-bound{both}: end to end is {ratio:.2f} of compute-only{extra}"
     if backend == "cpu":
         return "host", (f"host-bound: the {w} decode worker(s) and the model share the same cores "
                         f"(compute-only {dev:,.0f} img/s was measured with the workers idle); end to end is "
@@ -147,8 +152,8 @@ def verdict(p: Dict, backend: str = "", cores: Optional[int] = None) -> Tuple[st
                         f"makes each worker cheaper")
     if cap and cap < dev / DEVICE_BOUND and p["end_to_end"] >= 0.8 * cap:
         need = workers_needed(dev, p["decode_img_per_s_per_worker"])
-        line = (f"decode-bound: {w} worker(s) deliver {cap:,.0f} img/s, the device takes {dev:,.0f}; "
-                f"about {need} workers would saturate it")
+        line = (f"decode-bound: {w} worker(s) deliver {cap:,.0f} img/s, {takes} {dev:,.0f}; "
+                f"about {need} workers would saturate {'it' if n == 1 else 'them'}")
         if cores and need > cores:
             line += f" (this host has {cores} cores"
             line += "; --decode fast decodes faster per worker)" if p["decode_mode"] == "exact" else ")"
