@@ -440,8 +440,9 @@ def test_summarize_counts_like_run_eval_across_shards(folder_set, tmp_path, fmt)
     assert r.returncode == 0, r.stderr
     summary = json.load(open(os.path.join(out, "summary.json")))
     ev = tmp_path / "eval.json"
+    same = ["--resize", "16", "--crop", "16", "--model", "resnet18"]  # FAST's preprocessing: the same pixels
     e = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "run-eval"), "--data", folder_set, "--backend",
-                        "sim", "--sim-batch-ms", "0", "--workers", "1", "--no-progress", "--json", str(ev)],
+                        "sim", "--sim-batch-ms", "0", "--workers", "1", "--no-progress", "--json", str(ev)] + same,
                        capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=120)
     assert e.returncode == 0, e.stderr
     want = json.load(open(ev))
