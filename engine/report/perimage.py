@@ -283,19 +283,12 @@ def read_part_columns(path: str, fmt: str) -> Dict[str, list]:
 
 
 def _read_run_score(folder: str) -> Rows:
-    from engine.scoring.manifest import MANIFEST_FILE, ManifestError, load_manifest
-    from engine.scoring.writer import RUN_FILE, OutputDir
+    from engine.scoring.writer import OutputError, read_output_folder
 
-    run_file = os.path.join(folder, RUN_FILE)
-    if not os.path.isfile(run_file):
-        raise PerImageError(f"{folder}: a folder but not a run-score output (no {RUN_FILE})")
-    with open(run_file, encoding="utf-8") as f:
-        run = json.load(f)
     try:
-        manifest = load_manifest(os.path.join(folder, MANIFEST_FILE))
-    except (ManifestError, OSError) as e:
-        raise PerImageError(f"{folder}: cannot read its {MANIFEST_FILE} ({e})") from None
-    out = OutputDir(folder, manifest.num_parts(run["part_size"]), run["format"])
+        run, manifest, out = read_output_folder(folder)
+    except OutputError as e:
+        raise PerImageError(str(e)) from None
     done = out.done_records(range(out.num_parts))
     if len(done) < out.num_parts:
         raise PerImageError(f"{folder}: {len(done)} of {out.num_parts} parts are done; finish the run "

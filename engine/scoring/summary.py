@@ -9,7 +9,6 @@ label found in the stored top-k at rank r counts for every k > r), under run-eva
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -63,16 +62,12 @@ def summarize(out: str) -> Dict:
     """Exact counts over every done part of the output folder `out` (run-eval's JSON names)."""
     from engine.classes import imagenet_classes
     from engine.report.metrics import Metrics
-    from engine.scoring.manifest import MANIFEST_FILE, load_manifest
-    from engine.scoring.writer import RUN_FILE, OutputDir
+    from engine.scoring.writer import OutputError, read_output_folder
 
-    run_path = os.path.join(out, RUN_FILE)
-    if not os.path.isfile(run_path):
-        raise UsageError(f"--summarize {out}: no {RUN_FILE} there: not a run-score output folder")
-    with open(run_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    manifest = load_manifest(os.path.join(out, MANIFEST_FILE), root=meta.get("data_root"))
-    folder = OutputDir(out, manifest.num_parts(meta["part_size"]), meta["format"])
+    try:
+        meta, manifest, folder = read_output_folder(out)
+    except OutputError as e:
+        raise UsageError(f"--summarize {e}") from None
     done = folder.done_records(range(folder.num_parts))
     num_classes = int(meta.get("num_classes") or 1000)
     topk = int(meta.get("topk") or 5)
@@ -84,11 +79,11 @@ def summarize(out: str) -> Dict:
         if labels is None:
             without_label.append(part)
             continue
-        scored = [i for i, e in enumerate(errors) if e is None and labels[i] >= 0]
-        unlabelled += sum(1 for i, e in enumerate(errors) if e is None and labels[i] < 0)
-        for i, e in enumerate(errors):
-            if e is not None:
-                metrics.fail(int(ids[i]), manifest.paths[int(ids[i])], e)
+        scored = [i for i, why in enumerate(errors) if why is None and labels[i] >= 0]
+        unlabelled += sum(1 for i, why in enumerate(errors) if why is None and labels[i] < 0)
+        for i, why in enumerate(errors):
+            if why is not None:
+                metrics.fail(int(ids[i]), manifest.paths[int(ids[i])], why)
         if scored:
             ranks = np.array([_rank(idx[i], int(labels[i]), topk) for i in scored], np.int64)
             metrics.count_ranks(ranks, labels[scored])

@@ -135,6 +135,23 @@ def create_once(path: str, data) -> bool:
     return created
 
 
+def read_output_folder(folder: str, root: Optional[str] = None):
+    """(run.json as a dict, the manifest, the `OutputDir`) of a run-score output folder, for its
+    readers (compare-runs, `run-score --summarize`). OutputError says what is missing or unreadable."""
+    from engine.scoring.manifest import MANIFEST_FILE, ManifestError, load_manifest
+
+    run_file = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(run_file):
+        raise OutputError(f"{folder}: not a run-score output folder (no {RUN_FILE})")
+    try:
+        with open(run_file, encoding="utf-8") as f:
+            run = json.load(f)
+        manifest = load_manifest(os.path.join(folder, MANIFEST_FILE), root=root)
+    except (ManifestError, OSError, ValueError) as e:
+        raise OutputError(f"{folder}: cannot read its {RUN_FILE} or {MANIFEST_FILE} ({e})") from None
+    return run, manifest, OutputDir(folder, manifest.num_parts(run["part_size"]), run["format"])
+
+
 # -- rows ---------------------------------------------------------------------------------------
 def text_field(s: Optional[str]) -> Optional[str]:
     """A path or reason as valid UTF-8: bytes that are not (a file name from os.listdir keeps them
