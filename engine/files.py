@@ -71,6 +71,14 @@ def fsync_dir(path: str, strict: bool = True) -> None:
         os.close(fd)
 
 
+def _remove_quietly(path: str) -> None:
+    """Remove a tmp file left by a failed write; one that is already gone is fine."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def write_tmp(tmp: str, data, write: Optional[Callable[[int, object], None]] = None) -> None:
     """Write `data` to the new file `tmp` and fsync it; on any error the file is removed."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -81,10 +89,7 @@ def write_tmp(tmp: str, data, write: Optional[Callable[[int, object], None]] = N
         finally:
             os.close(fd)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
 
 
@@ -96,9 +101,6 @@ def write_replace(path: str, data, tmp: str, write: Optional[Callable[[int, obje
     try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _remove_quietly(tmp)
         raise
     fsync_dir(os.path.dirname(path) or ".", strict=strict_dir_sync)
